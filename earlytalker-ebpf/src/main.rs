@@ -1,0 +1,499 @@
+//! earlytalker's kernel side: two TC programs on each monitored interface.
+//!
+//! * ingress (client -> server): records the handshake's completion, the client's
+//!   payload before the greeting (bytes, time, first bytes) and emits EV_EARLY once;
+//! * egress (server -> client): remembers SYN-ACKs, holds the server's first payload
+//!   segment (TC_ACT_SHOT; TCP keeps it queued and retries) until `wait` after the
+//!   handshake, then releases it and emits the verdict.
+//!
+//! Only TCP whose server port is in PORTS is looked at; everything else leaves after
+//! a few loads. No payload is parsed: at most the first 64 client bytes are copied.
+#![no_std]
+#![no_main]
+
+#[allow(dead_code)] // the agent uses the rest of the shared definitions
+mod shared;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+};
+use shared::*;
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "PORTS")]
+static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+#[map(name = "CONNS")]
+static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+#[map(name = "HANDSHAKES")]
+static HANDSHAKES: LruHashMap<ConnKey, Handshake> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_HANDSHAKES, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(S_COUNT, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const VLAN_HLEN: usize = 4;
+
+/// A parsed TCP segment; ports in host order, addresses as in ConnKey.
+struct Seg {
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack_seq: u32,
+    syn: bool,
+    ack: bool,
+    fin: bool,
+    rst: bool,
+    /// Offset of the TCP payload from the start of the packet.
+    payload_off: usize,
+    payload_len: u32,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn stat(idx: u32) {
+    if let Some(p) = STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn be32(b: [u8; 4]) -> u32 {
+    u32::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn port_watched(port: u16) -> bool {
+    match PORTS.get(u32::from(port >> 6)) {
+        Some(word) => (*word >> (port & 63)) & 1 == 1,
+        None => false,
+    }
+}
+
+/// Bounded L2/L3/L4 parse. Returns None for anything that is not a TCP segment we
+/// can read the header of (including non-first IP fragments).
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Seg> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut proto = u16::from_be(unsafe { (*eth).ether_type });
+    let mut off = EthHdr::LEN;
+    // At most two VLAN tags (802.1ad + 802.1Q); usually offloaded into skb metadata.
+    for _ in 0..2 {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let tag: *const [u8; 4] = ptr_at(ctx, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        proto = be16(unsafe { [(*tag)[2], (*tag)[3]] });
+        off += VLAN_HLEN;
+    }
+
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let l4_len: u32;
+    if proto == ETH_P_IP {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        if ip.proto != IPPROTO_TCP {
+            return None;
+        }
+        // Fragment offset != 0: no TCP header here.
+        if be16(ip.frags) & 0x1fff != 0 {
+            return None;
+        }
+        let ihl = usize::from(ip.vihl & 0x0f) * 4;
+        if ihl < Ipv4Hdr::LEN {
+            return None;
+        }
+        let tot = u32::from(be16(ip.tot_len));
+        // tot_len 0 is BIG TCP (> 64 KiB); fall back to the skb length.
+        let tot = if tot == 0 {
+            ctx.len().saturating_sub(off as u32)
+        } else {
+            tot
+        };
+        l4_len = tot.saturating_sub(ihl as u32);
+        src[10] = 0xff;
+        src[11] = 0xff;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        src[12..16].copy_from_slice(&ip.src_addr);
+        dst[12..16].copy_from_slice(&ip.dst_addr);
+        off += ihl;
+    } else if proto == ETH_P_IPV6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        src = ip.src_addr;
+        dst = ip.dst_addr;
+        let mut next = ip.next_hdr;
+        let mut plen = u32::from(be16(ip.payload_len));
+        if plen == 0 {
+            plen = ctx.len().saturating_sub((off + Ipv6Hdr::LEN) as u32);
+        }
+        off += Ipv6Hdr::LEN;
+        // Up to four extension headers: hop-by-hop, routing, destination options;
+        // a fragment header ends the walk unless it is the first fragment.
+        for _ in 0..4 {
+            match next {
+                0 | 43 | 60 => {
+                    let h: *const [u8; 2] = ptr_at(ctx, off)?;
+                    // SAFETY: bounds checked by ptr_at.
+                    let h = unsafe { *h };
+                    let len = (usize::from(h[1]) + 1) * 8;
+                    next = h[0];
+                    off += len;
+                    plen = plen.saturating_sub(len as u32);
+                }
+                44 => {
+                    let h: *const [u8; 4] = ptr_at(ctx, off)?;
+                    // SAFETY: bounds checked by ptr_at.
+                    let h = unsafe { *h };
+                    if be16([h[2], h[3]]) & 0xfff8 != 0 {
+                        return None;
+                    }
+                    next = h[0];
+                    off += 8;
+                    plen = plen.saturating_sub(8);
+                }
+                _ => break,
+            }
+        }
+        if next != IPPROTO_TCP {
+            return None;
+        }
+        l4_len = plen;
+    } else {
+        return None;
+    }
+
+    let tcp: *const TcpHdr = ptr_at(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let tcp = unsafe { &*tcp };
+    let doff = u32::from(tcp.doff()) * 4;
+    if doff < 20 || doff > l4_len {
+        return None;
+    }
+    Some(Seg {
+        src,
+        dst,
+        sport: be16(tcp.source),
+        dport: be16(tcp.dest),
+        seq: be32(tcp.seq),
+        ack_seq: be32(tcp.ack_seq),
+        syn: tcp.syn() != 0,
+        ack: tcp.ack() != 0,
+        fin: tcp.fin() != 0,
+        rst: tcp.rst() != 0,
+        payload_off: off + doff as usize,
+        payload_len: l4_len - doff,
+    })
+}
+
+/// Sequence-space "a is after b" (RFC 1982 style).
+#[inline(always)]
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+#[inline(always)]
+fn emit(kind: u32, reason: u32, key: &ConnKey, conn: &Conn, now_ns: u64) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut e) => {
+            let ev = e.as_mut_ptr();
+            // SAFETY: the reserved slot is exactly one Event and ours until submit.
+            unsafe {
+                (*ev).kind = kind;
+                (*ev).reason = reason;
+                (*ev).now_ns = now_ns;
+                (*ev).key = *key;
+                (*ev).conn = *conn;
+            }
+            e.submit(0);
+        }
+        None => stat(S_EVENTS_LOST),
+    }
+}
+
+/// Copies up to PAYLOAD_MAX bytes of the segment's payload into `conn`.
+#[inline(always)]
+fn copy_payload(ctx: &TcContext, seg: &Seg, conn: &mut Conn) {
+    // Volatile read: LLVM must not reuse what it proved about payload_len earlier,
+    // or it drops the checks below that the verifier needs for the length argument.
+    // SAFETY: reading a local field.
+    let plen = unsafe { core::ptr::read_volatile(&seg.payload_len) };
+    let n = if plen > PAYLOAD_MAX as u32 {
+        PAYLOAD_MAX as u32
+    } else {
+        plen
+    };
+    if n == 0 || n > PAYLOAD_MAX as u32 {
+        return;
+    }
+    // SAFETY: n is in 1..=PAYLOAD_MAX, the size of the destination buffer.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            seg.payload_off as u32,
+            conn.payload.as_mut_ptr().cast(),
+            n,
+        )
+    };
+    if ret == 0 {
+        conn.payload_len = n;
+    }
+}
+
+fn new_conn(now_ns: u64, client_base: u32) -> Conn {
+    let wait_ns = match CONFIG.get(0) {
+        Some(c) => c.wait_ns,
+        None => 0,
+    };
+    Conn {
+        established_ns: now_ns,
+        release_ns: now_ns + wait_ns,
+        first_ns: 0,
+        client_base,
+        client_end: client_base,
+        flags: 0,
+        payload_len: 0,
+        payload: [0; PAYLOAD_MAX],
+    }
+}
+
+/// Client payload before the greeting: count it, keep the first bytes once.
+#[inline(always)]
+fn client_data(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn, now_ns: u64) {
+    let end = seg.seq.wrapping_add(seg.payload_len);
+    if seq_after(end, conn.client_end) {
+        conn.client_end = end;
+    }
+    if conn.flags & F_EARLY == 0 {
+        conn.flags |= F_EARLY;
+        conn.first_ns = now_ns;
+        copy_payload(ctx, seg, conn);
+        stat(S_EARLY);
+        emit(EV_EARLY, 0, key, conn, now_ns);
+    }
+}
+
+#[classifier]
+pub fn et_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx);
+    // Detection only: ingress never drops.
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) {
+    let seg = match parse(ctx) {
+        Some(s) => s,
+        None => return,
+    };
+    if !port_watched(seg.dport) {
+        return;
+    }
+    let key = ConnKey {
+        client_addr: seg.src,
+        server_addr: seg.dst,
+        client_port: seg.sport,
+        server_port: seg.dport,
+        pad: 0,
+    };
+    let now_ns = now();
+
+    if seg.syn {
+        if seg.payload_len > 0 && !seg.ack {
+            // TCP Fast Open: the client talked in its very first packet.
+            let mut conn = new_conn(now_ns, seg.seq.wrapping_add(1));
+            conn.flags |= F_SYN_DATA;
+            stat(S_SYN_DATA);
+            client_data(ctx, &seg, &key, &mut conn, now_ns);
+            // seq of the SYN itself is consumed by the SYN flag.
+            conn.client_end = seg.seq.wrapping_add(1).wrapping_add(seg.payload_len);
+            if CONNS.insert(&key, &conn, 0).is_err() {
+                stat(S_MAP_FULL);
+            } else {
+                stat(S_TRACKED);
+                debug!(ctx, "syn with {} bytes of data", seg.payload_len);
+            }
+        }
+        return;
+    }
+
+    // SAFETY: the map value stays valid for this program run; LRU entries are
+    // updated in place, races with the other direction only touch disjoint fields
+    // or are benign (a flag set twice).
+    if let Some(conn) = CONNS.get_ptr_mut(&key) {
+        let conn = unsafe { &mut *conn };
+        if seg.rst {
+            verdict(&key, conn, R_CLIENT_RST, now_ns);
+            return;
+        }
+        if seg.payload_len > 0 {
+            client_data(ctx, &seg, &key, conn, now_ns);
+        }
+        if seg.fin {
+            conn.flags |= F_CLIENT_FIN;
+        }
+        return;
+    }
+
+    if !seg.ack || seg.rst {
+        return;
+    }
+    // The handshake's last ACK acknowledges the server's ISN + 1; anything else
+    // (connections older than the agent, stray ACKs) stays untracked.
+    let hs = match HANDSHAKES.get_ptr(&key) {
+        // SAFETY: a copy is taken at once; a concurrent SYN-ACK rewrite is harmless.
+        Some(h) => unsafe { *h },
+        None => return,
+    };
+    if seg.ack_seq != hs.server_isn.wrapping_add(1) {
+        return;
+    }
+    let _ = HANDSHAKES.remove(&key);
+    let mut conn = new_conn(now_ns, hs.client_base);
+    if seg.payload_len > 0 {
+        client_data(ctx, &seg, &key, &mut conn, now_ns);
+    }
+    if seg.fin {
+        conn.flags |= F_CLIENT_FIN;
+    }
+    if CONNS.insert(&key, &conn, 0).is_err() {
+        stat(S_MAP_FULL);
+        return;
+    }
+    stat(S_TRACKED);
+}
+
+/// Final event for a connection; its entry is then forgotten.
+#[inline(always)]
+fn verdict(key: &ConnKey, conn: &Conn, reason: u32, now_ns: u64) {
+    if reason == R_GREETING {
+        if conn.flags & F_EARLY == 0 {
+            stat(S_PASS);
+        }
+    } else if conn.flags & F_EARLY != 0 {
+        stat(S_CLOSED_EARLY);
+    }
+    emit(EV_VERDICT, reason, key, conn, now_ns);
+    let _ = CONNS.remove(key);
+}
+
+#[classifier]
+pub fn et_egress(ctx: TcContext) -> i32 {
+    egress(&ctx)
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> i32 {
+    let seg = match parse(ctx) {
+        Some(s) => s,
+        None => return TC_ACT_OK,
+    };
+    if !port_watched(seg.sport) {
+        return TC_ACT_OK;
+    }
+    let key = ConnKey {
+        client_addr: seg.dst,
+        server_addr: seg.src,
+        client_port: seg.dport,
+        server_port: seg.sport,
+        pad: 0,
+    };
+
+    if seg.syn {
+        if seg.ack {
+            // Remember the half-open connection (TFO connections are tracked already).
+            if CONNS.get_ptr(&key).is_none() {
+                let hs = Handshake {
+                    server_isn: seg.seq,
+                    client_base: seg.ack_seq,
+                };
+                let _ = HANDSHAKES.insert(&key, &hs, 0);
+                stat(S_HANDSHAKES);
+            }
+        }
+        return TC_ACT_OK;
+    }
+
+    let conn = match CONNS.get_ptr_mut(&key) {
+        // SAFETY: as in ingress.
+        Some(c) => unsafe { &mut *c },
+        None => return TC_ACT_OK,
+    };
+    let now_ns = now();
+    if seg.payload_len > 0 {
+        if now_ns < conn.release_ns {
+            // Hold: TCP keeps the segment queued and retries every ~500 ms.
+            conn.flags |= F_HELD;
+            stat(S_HOLD_DROPS);
+            return TC_ACT_SHOT;
+        }
+        verdict(&key, conn, R_GREETING, now_ns);
+        return TC_ACT_OK;
+    }
+    if seg.rst {
+        verdict(&key, conn, R_SERVER_RST, now_ns);
+    } else if seg.fin {
+        verdict(&key, conn, R_SERVER_FIN, now_ns);
+    }
+    TC_ACT_OK
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

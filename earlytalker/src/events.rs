@@ -1,0 +1,385 @@
+//! Turning kernel records into verdicts, and remembering early talkers until their
+//! verdict arrives (or until it is clear that no greeting is coming).
+
+use crate::config::Action;
+use crate::shared::{
+    Conn, ConnKey, Event, EV_EARLY, EV_VERDICT, F_EARLY, F_SYN_DATA, PAYLOAD_MAX, R_CLIENT_RST,
+    R_GREETING, R_SERVER_FIN, R_SERVER_RST,
+};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Client payload arrived before the greeting.
+    EarlyTalker,
+    /// The greeting left first.
+    Pass,
+    /// The connection ended before any greeting and the client said nothing.
+    Hangup,
+}
+
+/// How the connection's pre-greeting phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Greeting,
+    ClientReset,
+    ServerClose,
+    ServerReset,
+    /// The agent gave up waiting for a greeting.
+    NoGreeting,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Greeting => "greeting",
+            End::ClientReset => "client_reset",
+            End::ServerClose => "server_close",
+            End::ServerReset => "server_reset",
+            End::NoGreeting => "no_greeting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub kind: Kind,
+    pub end: End,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// Client payload bytes before the greeting.
+    pub bytes: u32,
+    /// First client byte, after the handshake.
+    pub after_ms: Option<f64>,
+    /// Greeting released, after the handshake.
+    pub greeting_after_ms: Option<f64>,
+    pub payload: Vec<u8>,
+    pub syn_data: bool,
+    pub action: Action,
+}
+
+fn addr(raw: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(raw);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn client_of(key: &ConnKey) -> SocketAddr {
+    SocketAddr::new(addr(key.client_addr), key.client_port)
+}
+
+pub fn server_of(key: &ConnKey) -> SocketAddr {
+    SocketAddr::new(addr(key.server_addr), key.server_port)
+}
+
+fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
+    // Rounded to microseconds: enough for a log, stable in JSON.
+    (to_ns.saturating_sub(from_ns) / 1_000) as f64 / 1_000.0
+}
+
+/// Builds the verdict for a connection snapshot ending for `end` at `now_ns`.
+pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: Action) -> Verdict {
+    let early = conn.flags & F_EARLY != 0;
+    let kind = match (early, end) {
+        (true, _) => Kind::EarlyTalker,
+        (false, End::Greeting) => Kind::Pass,
+        (false, _) => Kind::Hangup,
+    };
+    let len = (conn.payload_len as usize).min(PAYLOAD_MAX);
+    Verdict {
+        kind,
+        end,
+        client: client_of(key),
+        server: server_of(key),
+        bytes: if early {
+            conn.client_end.wrapping_sub(conn.client_base)
+        } else {
+            0
+        },
+        after_ms: early.then(|| ms_between(conn.established_ns, conn.first_ns)),
+        greeting_after_ms: (end == End::Greeting).then(|| ms_between(conn.established_ns, now_ns)),
+        payload: conn.payload[..len].to_vec(),
+        syn_data: conn.flags & F_SYN_DATA != 0,
+        action,
+    }
+}
+
+/// Decodes one ring-buffer record; None if it is not a well-formed Event.
+pub fn decode(buf: &[u8]) -> Option<Event> {
+    if buf.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: length checked; Event is plain #[repr(C)] data valid for any bytes,
+    // read unaligned because ring-buffer records are only 8-byte aligned by contract.
+    let ev = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<Event>()) };
+    matches!(ev.kind, EV_EARLY | EV_VERDICT).then_some(ev)
+}
+
+fn end_of(reason: u32) -> End {
+    match reason {
+        R_GREETING => End::Greeting,
+        R_CLIENT_RST => End::ClientReset,
+        R_SERVER_FIN => End::ServerClose,
+        R_SERVER_RST => End::ServerReset,
+        _ => End::NoGreeting,
+    }
+}
+
+struct Pending {
+    conn: Conn,
+    /// Monotonic ns after which the agent stops waiting for the greeting.
+    deadline_ns: u64,
+}
+
+/// Early talkers seen, waiting for their final verdict from the kernel.
+pub struct Tracker {
+    action: Action,
+    grace_ns: u64,
+    pending: HashMap<ConnKey, Pending>,
+    /// Connections already reported by the sweep, so a late kernel verdict is not
+    /// logged twice; value = monotonic ns when the entry may be forgotten.
+    reported: HashMap<ConnKey, u64>,
+    /// Bound on both tables; the kernel's own table is bounded the same way.
+    limit: usize,
+}
+
+impl Tracker {
+    pub fn new(action: Action, grace_ns: u64, limit: usize) -> Self {
+        Tracker {
+            action,
+            grace_ns,
+            pending: HashMap::new(),
+            reported: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// Handles one kernel record; returns the verdict to log, if any.
+    pub fn on_event(&mut self, ev: &Event) -> Option<Verdict> {
+        match ev.kind {
+            EV_EARLY => {
+                if self.pending.len() >= self.limit {
+                    // Do not grow without bound; the kernel verdict still arrives.
+                    return None;
+                }
+                self.pending.insert(
+                    ev.key,
+                    Pending {
+                        conn: ev.conn,
+                        deadline_ns: ev.conn.release_ns.saturating_add(self.grace_ns),
+                    },
+                );
+                None
+            }
+            EV_VERDICT => {
+                self.pending.remove(&ev.key);
+                if self.reported.remove(&ev.key).is_some() {
+                    return None;
+                }
+                Some(verdict(
+                    &ev.key,
+                    &ev.conn,
+                    end_of(ev.reason),
+                    ev.now_ns,
+                    self.action,
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Early talkers whose greeting never came: `lookup` gives the kernel's current
+    /// view of the connection (None if it is gone).
+    pub fn sweep(
+        &mut self,
+        now_ns: u64,
+        mut lookup: impl FnMut(&ConnKey) -> Option<Conn>,
+    ) -> Vec<Verdict> {
+        self.reported.retain(|_, until| *until > now_ns);
+        let due: Vec<ConnKey> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline_ns <= now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::new();
+        for key in due {
+            let Some(p) = self.pending.remove(&key) else {
+                continue;
+            };
+            let conn = lookup(&key).unwrap_or(p.conn);
+            if self.reported.len() < self.limit {
+                self.reported
+                    .insert(key, now_ns.saturating_add(self.grace_ns * 10));
+            }
+            out.push(verdict(&key, &conn, End::NoGreeting, now_ns, self.action));
+        }
+        out
+    }
+
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::shared::F_EARLY;
+
+    pub(crate) fn key4(c: [u8; 4], cp: u16, s: [u8; 4], sp: u16) -> ConnKey {
+        let mut ca = [0u8; 16];
+        ca[10] = 0xff;
+        ca[11] = 0xff;
+        let mut sa = ca;
+        ca[12..].copy_from_slice(&c);
+        sa[12..].copy_from_slice(&s);
+        ConnKey {
+            client_addr: ca,
+            server_addr: sa,
+            client_port: cp,
+            server_port: sp,
+            pad: 0,
+        }
+    }
+
+    pub(crate) fn conn(early: &[u8]) -> Conn {
+        let mut c = Conn {
+            established_ns: 1_000_000_000,
+            release_ns: 2_000_000_000,
+            first_ns: 0,
+            client_base: u32::MAX - 3, // exercises sequence wrap-around
+            client_end: u32::MAX - 3,
+            flags: 0,
+            payload_len: 0,
+            payload: [0; PAYLOAD_MAX],
+        };
+        if !early.is_empty() {
+            c.flags |= F_EARLY;
+            c.first_ns = 1_003_500_000;
+            c.client_end = c.client_base.wrapping_add(early.len() as u32);
+            let n = early.len().min(PAYLOAD_MAX);
+            c.payload[..n].copy_from_slice(&early[..n]);
+            c.payload_len = n as u32;
+        }
+        c
+    }
+
+    fn ev(kind: u32, reason: u32, key: ConnKey, conn: Conn, now_ns: u64) -> Event {
+        Event {
+            kind,
+            reason,
+            now_ns,
+            key,
+            conn,
+        }
+    }
+
+    #[test]
+    fn addresses_unmap_ipv4_and_keep_ipv6() {
+        let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
+        assert_eq!(client_of(&k).to_string(), "10.0.0.2:40000");
+        assert_eq!(server_of(&k).to_string(), "10.0.0.1:25");
+        let mut k6 = k;
+        k6.client_addr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(client_of(&k6).to_string(), "[fd00::2]:40000");
+    }
+
+    #[test]
+    fn early_verdict_counts_bytes_across_wrap() {
+        let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
+        let v = verdict(
+            &k,
+            &conn(b"EHLO bot\r\n"),
+            End::Greeting,
+            2_231_000_000,
+            Action::Log,
+        );
+        assert_eq!(v.kind, Kind::EarlyTalker);
+        assert_eq!(v.bytes, 10);
+        assert_eq!(v.after_ms, Some(3.5));
+        assert_eq!(v.greeting_after_ms, Some(1231.0));
+        assert_eq!(v.payload, b"EHLO bot\r\n");
+    }
+
+    #[test]
+    fn pass_and_hangup() {
+        let k = key4([10, 0, 0, 2], 1, [10, 0, 0, 1], 25);
+        let v = verdict(&k, &conn(b""), End::Greeting, 2_000_000_000, Action::Log);
+        assert_eq!((v.kind, v.bytes, v.after_ms), (Kind::Pass, 0, None));
+        let v = verdict(&k, &conn(b""), End::ClientReset, 2_000_000_000, Action::Log);
+        assert_eq!((v.kind, v.greeting_after_ms), (Kind::Hangup, None));
+    }
+
+    #[test]
+    fn decode_rejects_short_and_unknown_records() {
+        let e = ev(
+            EV_VERDICT,
+            R_GREETING,
+            key4([1, 2, 3, 4], 5, [6, 7, 8, 9], 25),
+            conn(b""),
+            9,
+        );
+        // SAFETY: viewing a plain-data struct as bytes for the test.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&e as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
+        };
+        assert!(decode(bytes).is_some());
+        assert!(decode(&bytes[..10]).is_none());
+        let mut bad = bytes.to_vec();
+        bad[0] = 77;
+        assert!(decode(&bad).is_none());
+    }
+
+    #[test]
+    fn tracker_logs_once_and_sweeps_silent_servers() {
+        let mut t = Tracker::new(Action::Log, 5_000_000_000, 100);
+        let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
+        let c = conn(b"EHLO bot\r\n");
+        assert!(t.on_event(&ev(EV_EARLY, 0, k, c, 1)).is_none());
+        assert_eq!(t.pending(), 1);
+        // Not yet due (release 2 s + grace 5 s).
+        assert!(t.sweep(6_999_999_999, |_| None).is_empty());
+        let mut later = c;
+        later.client_end = later.client_base.wrapping_add(30);
+        let out = t.sweep(7_000_000_000, |_| Some(later));
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].end, out[0].bytes), (End::NoGreeting, 30));
+        // The kernel's verdict after that is not logged a second time.
+        assert!(t
+            .on_event(&ev(EV_VERDICT, R_GREETING, k, later, 8))
+            .is_none());
+        // A verdict in time is logged and clears the pending entry.
+        let k2 = key4([10, 0, 0, 3], 40001, [10, 0, 0, 1], 25);
+        t.on_event(&ev(EV_EARLY, 0, k2, c, 1));
+        let v = t
+            .on_event(&ev(EV_VERDICT, R_GREETING, k2, c, 2_100_000_000))
+            .unwrap();
+        assert_eq!(v.kind, Kind::EarlyTalker);
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn tracker_is_bounded() {
+        let mut t = Tracker::new(Action::Log, 1, 2);
+        for p in 0..10 {
+            t.on_event(&ev(
+                EV_EARLY,
+                0,
+                key4([1, 1, 1, 1], p, [2, 2, 2, 2], 25),
+                conn(b"x"),
+                1,
+            ));
+        }
+        assert_eq!(t.pending(), 2);
+    }
+}

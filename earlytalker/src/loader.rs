@@ -1,0 +1,230 @@
+//! Loading the kernel programs, configuring their maps and attaching them through
+//! TCX links. A TCX link is a file descriptor owned by this process: if the agent
+//! dies, the kernel detaches the programs and mail flows untouched (fail open).
+
+use crate::config::{max_wait_for_retries, Settings};
+use crate::shared::{
+    Config, Conn, ConnKey, MAP_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PORTS, MAP_STATS, PORT_WORDS,
+    STAT_NAMES, S_COUNT,
+};
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use std::time::Duration;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/earlytalker.bpf.o"));
+
+const TCX_MIN: KernelVersion = KernelVersion::new(6, 6, 0);
+
+/// What this kernel offers, checked before anything is loaded.
+pub struct Features {
+    pub kernel: String,
+    pub max_wait: Duration,
+    pub tcp_retries2: u32,
+}
+
+/// Checks privilege and kernel features; every failure is one clear line.
+pub fn detect() -> Result<Features> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "must run as root: loading and attaching BPF programs needs CAP_BPF and CAP_NET_ADMIN"
+        );
+    }
+    let kv = KernelVersion::current().context("cannot read the kernel version")?;
+    if kv < TCX_MIN {
+        bail!("kernel {kv} lacks TCX links (needs 6.6 or later); earlytalker only attaches through TCX so that it fails open");
+    }
+    // Per network namespace: read the one the agent runs in, like its interfaces.
+    let raw = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_retries2")
+        .context("cannot read net.ipv4.tcp_retries2")?;
+    let tcp_retries2: u32 = raw
+        .trim()
+        .parse()
+        .with_context(|| format!("odd net.ipv4.tcp_retries2 value {raw:?}"))?;
+    Ok(Features {
+        kernel: kv.to_string(),
+        max_wait: max_wait_for_retries(tcp_retries2),
+        tcp_retries2,
+    })
+}
+
+/// Loaded and attached programs; dropping it detaches everything.
+pub struct Guard {
+    pub ebpf: Ebpf,
+    /// Kept alive: dropping the logger closes its map (aya-log 0.3).
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    links: Vec<(String, TcAttachType, SchedClassifierLinkId)>,
+}
+
+pub fn ports_bitmap(ports: &[u16]) -> Vec<u64> {
+    let mut words = vec![0u64; PORT_WORDS as usize];
+    for &p in ports {
+        words[usize::from(p >> 6)] |= 1 << (p & 63);
+    }
+    words
+}
+
+pub fn config_for(s: &Settings) -> Config {
+    Config {
+        wait_ns: u64::try_from(s.wait.as_nanos()).unwrap_or(u64::MAX),
+        flags: 0,
+    }
+}
+
+impl Guard {
+    pub fn load(s: &Settings) -> Result<Self> {
+        for name in &s.ifaces {
+            nix::net::if_::if_nametoindex(name.as_str())
+                .map_err(|_| anyhow::anyhow!("no such network interface: {name}"))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_CONNS, s.max_connections)
+            .load(OBJECT)
+            .context("loading the eBPF object failed")?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                // Only the kernel's debug messages are lost.
+                log::warn!("kernel debug log unavailable: {e}");
+                None
+            }
+        };
+        let mut guard = Guard {
+            ebpf,
+            logger,
+            links: Vec::new(),
+        };
+        guard.configure(s)?;
+        guard.attach(s)?;
+        Ok(guard)
+    }
+
+    /// Writes the run-time settings into the CONFIG and PORTS maps.
+    pub fn configure(&mut self, s: &Settings) -> Result<()> {
+        let mut cfg: Array<_, Config> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .context("CONFIG map missing")?,
+        )?;
+        cfg.set(0, config_for(s), 0).context("writing CONFIG")?;
+        let mut ports: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(MAP_PORTS).context("PORTS map missing")?)?;
+        for (i, w) in ports_bitmap(&s.ports).into_iter().enumerate() {
+            ports.set(i as u32, w, 0).context("writing PORTS")?;
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, s: &Settings) -> Result<()> {
+        for (prog, kind) in [
+            ("et_ingress", TcAttachType::Ingress),
+            ("et_egress", TcAttachType::Egress),
+        ] {
+            let p: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog)
+                .with_context(|| format!("program {prog} missing from the object"))?
+                .try_into()?;
+            p.load().map_err(|e| verifier_error(prog, e))?;
+            for iface in &s.ifaces {
+                // Never fall back to netlink filters: they would outlive the agent.
+                let id = p
+                    .attach_with_options(
+                        iface,
+                        kind,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| {
+                        format!("attaching {prog} to {iface} ({kind:?}) through TCX")
+                    })?;
+                self.links.push((iface.clone(), kind, id));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let m = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .context("EVENTS map missing")?;
+        Ok(RingBuf::try_from(m)?)
+    }
+
+    /// The kernel's current view of a tracked connection.
+    pub fn lookup(&self, key: &ConnKey) -> Option<Conn> {
+        let map = self.ebpf.map(MAP_CONNS)?;
+        let conns: HashMap<_, ConnKey, Conn> = HashMap::try_from(map).ok()?;
+        conns.get(key, 0).ok()
+    }
+
+    /// Counters summed over CPUs, with their names.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let Some(map) = self.ebpf.map(MAP_STATS) else {
+            return Vec::new();
+        };
+        let Ok(stats) = PerCpuArray::<_, u64>::try_from(map) else {
+            return Vec::new();
+        };
+        (0..S_COUNT)
+            .map(|i| {
+                let sum = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or_default();
+                (STAT_NAMES[i as usize], sum)
+            })
+            .collect()
+    }
+
+    /// Detaches explicitly (dropping would too) so failures can be reported.
+    pub fn detach(mut self) {
+        for (iface, kind, id) in std::mem::take(&mut self.links) {
+            let prog = match kind {
+                TcAttachType::Ingress => "et_ingress",
+                _ => "et_egress",
+            };
+            let res = self
+                .ebpf
+                .program_mut(prog)
+                .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+                .map(|p| p.detach(id));
+            if let Some(Err(e)) = res {
+                log::warn!("detaching {prog} from {iface}: {e}");
+            }
+        }
+    }
+}
+
+fn verifier_error(prog: &str, e: aya::programs::ProgramError) -> anyhow::Error {
+    // The verifier log is long; keep it for -v and give one line otherwise.
+    let full = e.to_string();
+    log::debug!("{prog}: {full}");
+    let first = full
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split(". Verifier output")
+        .next()
+        .unwrap_or("");
+    anyhow::anyhow!("the kernel refused to load {prog}: {first} (run with -v for the verifier log)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_bitmap_sets_exactly_the_ports() {
+        let w = ports_bitmap(&[25, 587, 65535, 1]);
+        assert_eq!(w.len(), 1024);
+        assert_eq!(w[0], (1 << 25) | (1 << 1));
+        assert_eq!(w[587 / 64], 1 << (587 % 64));
+        assert_eq!(w[1023], 1 << 63);
+        assert_eq!(w.iter().map(|x| x.count_ones()).sum::<u32>(), 4);
+    }
+}

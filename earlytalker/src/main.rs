@@ -1,0 +1,173 @@
+//! earlytalker: catches SMTP clients that talk before the greeting, in the kernel,
+//! in front of any unmodified MTA.
+
+mod config;
+mod events;
+mod iface;
+mod loader;
+mod output;
+mod shared;
+
+use anyhow::{Context, Result};
+use clap::{error::ErrorKind, Parser};
+use config::{Cli, Settings};
+use events::Tracker;
+use loader::{Features, Guard};
+use output::Out;
+use std::{process::ExitCode, time::Duration};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+/// How long after the end of the hold the agent waits for a greeting before it
+/// reports an early talker on its own (the MTA may be stuck or never greet).
+const NO_GREETING_GRACE: Duration = Duration::from_secs(5);
+
+/// Exit status for bad flags, bad configuration and missing privileges/features.
+const EXIT_USAGE: u8 = 2;
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("earlytalker: error: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line names the problem; the rest is usage boilerplate.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(format!(
+                "{} (see --help)",
+                first.trim_start_matches("error: ")
+            ));
+        }
+    };
+    let level = if cli.verbose { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .target(env_logger::Target::Stderr)
+        .init();
+
+    let settings = match Settings::from_cli(cli, iface::default_iface) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let features = match loader::detect() {
+        Ok(f) => f,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let why = format!("net.ipv4.tcp_retries2 = {}", features.tcp_retries2);
+    if let Err(e) = settings.check_wait(features.max_wait, &why) {
+        return fail(e);
+    }
+    let guard = match Guard::load(&settings) {
+        Ok(g) => g,
+        // Whatever was attached is detached when the partial Guard drops.
+        Err(e) => return fail(format!("{e:#}")),
+    };
+
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    match rt.block_on(run(guard, settings, features)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("earlytalker: fatal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    // Same clock as bpf_ktime_get_ns.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+async fn run(mut guard: Guard, s: Settings, f: Features) -> Result<()> {
+    let out = Out::new(s.log_format);
+    // SAFETY: RingBuf and EbpfLogger own their map fd until dropped, which only
+    // happens together with the AsyncFd wrapping them.
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(guard.take_events()?, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
+    let mut klog = match guard.logger.take() {
+        // SAFETY: as above.
+        Some(l) => Some(
+            unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("watching the kernel log: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
+    let mut tracker = Tracker::new(s.action, grace, s.max_connections as usize);
+
+    out.started(&s, f.max_wait, &f.kernel);
+    log::info!(
+        "watching {} on port(s) {:?}; greeting held {} s (this kernel allows up to {} s)",
+        s.ifaces.join(", "),
+        s.ports,
+        config::secs(s.wait),
+        config::secs(f.max_wait)
+    );
+
+    let drain = |ring: &mut aya::maps::RingBuf<aya::maps::MapData>, tracker: &mut Tracker| {
+        while let Some(item) = ring.next() {
+            match events::decode(&item) {
+                Some(ev) => {
+                    if let Some(v) = tracker.on_event(&ev) {
+                        out.verdict(&v);
+                    }
+                }
+                None => log::warn!("ignoring a malformed kernel record of {} bytes", item.len()),
+            }
+        }
+    };
+
+    loop {
+        tokio::select! {
+            r = ring.readable_mut() => {
+                let mut g = r.context("event ring buffer")?;
+                drain(g.get_inner_mut(), &mut tracker);
+                g.clear_ready();
+            }
+            r = async { klog.as_mut().expect("guarded").readable_mut().await }, if klog.is_some() => {
+                let mut g = r.context("kernel log ring buffer")?;
+                g.get_inner_mut().flush();
+                g.clear_ready();
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                for v in tracker.sweep(monotonic_ns(), |k| guard.lookup(k)) {
+                    out.verdict(&v);
+                }
+            }
+        }
+    }
+
+    // Verdicts already in the ring are still reported.
+    drain(ring.get_mut(), &mut tracker);
+    if let Some(k) = klog.as_mut() {
+        k.get_mut().flush();
+    }
+    out.stopped(&guard.counters());
+    drop(ring);
+    guard.detach();
+    log::info!("detached; exiting");
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Verdict lines on stdout: text for people (postscreen-like), JSON for machines.
+//! Each line is written and flushed at once so `tail -f` shows it immediately.
+
+use crate::config::{secs, LogFormat, Settings};
+use crate::events::{Kind, Verdict};
+use serde_json::{json, Value};
+use std::{
+    fmt::Write as _,
+    io::Write,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+/// Escapes client bytes so that nothing but printable ASCII reaches a terminal or
+/// a log collector: `\r`, `\n`, `\t`, `\\`, `\"` and `\xNN` for everything else.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() + 8);
+    for &b in bytes {
+        match b {
+            b'\r' => s.push_str("\\r"),
+            b'\n' => s.push_str("\\n"),
+            b'\t' => s.push_str("\\t"),
+            b'\\' => s.push_str("\\\\"),
+            b'"' => s.push_str("\\\""),
+            0x20..=0x7e => s.push(b as char),
+            _ => {
+                let _ = write!(s, "\\x{b:02x}");
+            }
+        }
+    }
+    s
+}
+
+/// postscreen writes `[addr]:port` for both families.
+fn bracketed(a: &SocketAddr) -> String {
+    format!("[{}]:{}", a.ip(), a.port())
+}
+
+fn s3(ms: f64) -> String {
+    format!("{:.3}", ms / 1000.0)
+}
+
+pub fn text(v: &Verdict) -> String {
+    let from = bracketed(&v.client);
+    let to = bracketed(&v.server);
+    match v.kind {
+        Kind::EarlyTalker => {
+            let mut line = format!(
+                "PREGREET {} after {} from {from} to {to} action={}",
+                v.bytes,
+                s3(v.after_ms.unwrap_or(0.0)),
+                v.action
+            );
+            match v.greeting_after_ms {
+                Some(g) => {
+                    let _ = write!(line, " greeting after {}", s3(g));
+                }
+                None => {
+                    let _ = write!(line, " ended by {}", v.end.as_str());
+                }
+            }
+            if v.syn_data {
+                line.push_str(" (data in SYN)");
+            }
+            let _ = write!(line, ": {}", escape(&v.payload));
+            line
+        }
+        Kind::Pass => format!(
+            "PASS greeting after {} from {from} to {to}",
+            s3(v.greeting_after_ms.unwrap_or(0.0))
+        ),
+        Kind::Hangup => format!(
+            "HANGUP before greeting from {from} to {to} ({})",
+            v.end.as_str()
+        ),
+    }
+}
+
+pub fn json_value(v: &Verdict) -> Value {
+    match v.kind {
+        Kind::EarlyTalker => json!({
+            "event": "early_talker",
+            "client": v.client.to_string(),
+            "server": v.server.to_string(),
+            "bytes": v.bytes,
+            "after_ms": v.after_ms,
+            "payload": escape(&v.payload),
+            "action": v.action.to_string(),
+            "greeting_after_ms": v.greeting_after_ms,
+            "end": v.end.as_str(),
+            "syn_data": v.syn_data,
+        }),
+        Kind::Pass => json!({
+            "event": "pass",
+            "client": v.client.to_string(),
+            "server": v.server.to_string(),
+            "greeting_after_ms": v.greeting_after_ms,
+        }),
+        Kind::Hangup => json!({
+            "event": "hangup",
+            "client": v.client.to_string(),
+            "server": v.server.to_string(),
+            "end": v.end.as_str(),
+        }),
+    }
+}
+
+fn timestamp() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Writes verdict and lifecycle lines to stdout in the configured format.
+pub struct Out {
+    format: LogFormat,
+}
+
+impl Out {
+    pub fn new(format: LogFormat) -> Self {
+        Out { format }
+    }
+
+    fn emit(&self, text: String, mut json: Value) {
+        let ts = timestamp();
+        let line = match self.format {
+            LogFormat::Text => format!("{ts} {text}"),
+            LogFormat::Json => {
+                if let Value::Object(m) = &mut json {
+                    m.insert("ts".into(), Value::String(ts));
+                }
+                json.to_string()
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed stdout must not kill the guard; diagnostics still go to stderr.
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    }
+
+    pub fn verdict(&self, v: &Verdict) {
+        self.emit(text(v), json_value(v));
+    }
+
+    pub fn started(&self, s: &Settings, max_wait: Duration, kernel: &str) {
+        let text = format!(
+            "STARTED interfaces={} ports={} wait={}s action={} max_wait={}s kernel={kernel}",
+            s.ifaces.join(","),
+            s.ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            secs(s.wait),
+            s.action,
+            secs(max_wait),
+        );
+        let json = json!({
+            "event": "started",
+            "interfaces": s.ifaces,
+            "ports": s.ports,
+            "wait": s.wait.as_secs_f64(),
+            "action": s.action.to_string(),
+            "defer_reject": s.defer_reject,
+            "max_wait": max_wait.as_secs_f64(),
+            "kernel": kernel,
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        self.emit(text, json);
+    }
+
+    pub fn stopped(&self, counters: &[(&str, u64)]) {
+        let text = format!(
+            "STOPPED {}",
+            counters
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut m = serde_json::Map::new();
+        m.insert("event".into(), "stopped".into());
+        for (k, v) in counters {
+            m.insert((*k).into(), (*v).into());
+        }
+        self.emit(text, Value::Object(m));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Action;
+    use crate::events::{tests::conn, tests::key4, verdict, End};
+
+    #[test]
+    fn escape_keeps_terminals_safe() {
+        assert_eq!(escape(b"EHLO bot\r\n"), "EHLO bot\\r\\n");
+        assert_eq!(escape(b"\x1b[2J\x00\xff\"\\"), "\\x1b[2J\\x00\\xff\\\"\\\\");
+        assert!(escape(&(0u8..=255).collect::<Vec<_>>())
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b)));
+    }
+
+    #[test]
+    fn text_reads_like_postscreen() {
+        let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
+        let v = verdict(
+            &k,
+            &conn(b"EHLO bot\r\n"),
+            End::Greeting,
+            2_231_000_000,
+            Action::Log,
+        );
+        assert_eq!(
+            text(&v),
+            "PREGREET 10 after 0.004 from [10.0.0.2]:40000 to [10.0.0.1]:25 action=log greeting after 1.231: EHLO bot\\r\\n"
+        );
+        let v = verdict(&k, &conn(b""), End::Greeting, 2_231_000_000, Action::Log);
+        assert_eq!(
+            text(&v),
+            "PASS greeting after 1.231 from [10.0.0.2]:40000 to [10.0.0.1]:25"
+        );
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
+        let v = json_value(&verdict(
+            &k,
+            &conn(b"EHLO bot\r\n"),
+            End::Greeting,
+            2_231_000_000,
+            Action::Log,
+        ));
+        assert_eq!(v["event"], "early_talker");
+        assert_eq!(v["client"], "10.0.0.2:40000");
+        assert_eq!(v["server"], "10.0.0.1:25");
+        assert_eq!(v["bytes"], 10);
+        assert_eq!(v["after_ms"], 3.5);
+        assert_eq!(v["payload"], "EHLO bot\\r\\n");
+        assert_eq!(v["action"], "log");
+        let p = json_value(&verdict(
+            &k,
+            &conn(b""),
+            End::Greeting,
+            2_231_000_000,
+            Action::Log,
+        ));
+        assert_eq!(p["event"], "pass");
+        assert_eq!(p["greeting_after_ms"], 1231.0);
+    }
+}
