@@ -1,1 +1,599 @@
+//! A small lab for earlytalker's privileged tests and demo: a client and a server
+//! network namespace joined by a veth pair, an SMTP responder in the server
+//! namespace, polite and rude clients in the client namespace, and the real agent
+//! binary attached to the server's veth. Everything is torn down on drop, and
+//! every wait is bounded.
 
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sched::{setns, CloneFlags};
+use serde_json::Value;
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+pub const SERVER_V4: &str = "10.99.0.1";
+pub const CLIENT_V4: &str = "10.99.0.2";
+pub const SERVER_V6: &str = "fd00:99::1";
+pub const CLIENT_V6: &str = "fd00:99::2";
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A client/server namespace pair joined by veth; removed on drop.
+pub struct Lab {
+    pub server_ns: String,
+    pub client_ns: String,
+    /// The server's end of the veth pair, where the agent attaches.
+    pub server_if: String,
+    pub client_if: String,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "{}x{}",
+            std::process::id() % 100_000,
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let lab = Lab {
+            server_ns: format!("ets{id}"),
+            client_ns: format!("etc{id}"),
+            server_if: format!("vs{id}"),
+            client_if: format!("vc{id}"),
+        };
+        // Constructed first so that a failure below still cleans up.
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&self) -> Result<()> {
+        let (s, c) = (self.server_ns.as_str(), self.client_ns.as_str());
+        run("ip", &["netns", "add", s])?;
+        run("ip", &["netns", "add", c])?;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &self.server_if,
+                "netns",
+                s,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &self.client_if,
+                "netns",
+                c,
+            ],
+        )?;
+        for (ns, dev, v4, v6) in [
+            (s, &self.server_if, SERVER_V4, SERVER_V6),
+            (c, &self.client_if, CLIENT_V4, CLIENT_V6),
+        ] {
+            let ip = |args: &[&str]| {
+                let mut a = vec!["-n", ns];
+                a.extend_from_slice(args);
+                run("ip", &a)
+            };
+            ip(&["link", "set", "lo", "up"])?;
+            ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+            ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+            ip(&["link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    pub fn server_addr(&self, v6: bool) -> IpAddr {
+        if v6 { SERVER_V6 } else { SERVER_V4 }
+            .parse()
+            .expect("literal")
+    }
+
+    /// Runs `f` on a thread that has entered the server namespace.
+    pub fn in_server<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<Result<T>> {
+        spawn_in(&self.server_ns, f)
+    }
+
+    /// Runs `f` on a thread that has entered the client namespace.
+    pub fn in_client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<Result<T>> {
+        spawn_in(&self.client_ns, f)
+    }
+
+    /// Number of TCX programs attached to the server's veth (ingress + egress).
+    pub fn tcx_programs(&self) -> Result<usize> {
+        let dev = self.server_if.clone();
+        join(self.in_server(move || -> Result<usize> {
+            use aya::programs::{SchedClassifier, TcAttachType};
+            let mut n = 0;
+            for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, progs) = SchedClassifier::query_tcx(&dev, t)
+                    .map_err(|e| anyhow!("query_tcx {dev}: {e}"))?;
+                n += progs.len();
+            }
+            Ok(n)
+        }))?
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting the namespaces removes the veth pair with them.
+        let _ = run("ip", &["netns", "del", &self.server_ns]);
+        let _ = run("ip", &["netns", "del", &self.client_ns]);
+    }
+}
+
+/// Spawns a thread that joins network namespace `ns` before running `f`. Network
+/// namespaces are per thread, so the rest of the process is unaffected; sockets
+/// keep the namespace they were created in.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<Result<T>> {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let fd = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        setns(fd, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {path}"))?;
+        Ok(f())
+    })
+}
+
+/// Joins a lab thread, turning a panic into an error.
+pub fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {
+    h.join().map_err(|_| anyhow!("lab thread panicked"))?
+}
+
+// ---------------------------------------------------------------- responder
+
+/// What the responder saw on one connection.
+#[derive(Clone, Debug, Default)]
+pub struct Session {
+    pub received: Vec<u8>,
+    /// The client's side ended (EOF, reset or error) and the socket was closed.
+    pub closed: bool,
+}
+
+/// A minimal SMTP server: greets (optionally late), answers EHLO/HELO/QUIT and
+/// records every byte it receives, keyed by the client's port.
+pub struct Responder {
+    pub port: u16,
+    sessions: Arc<Mutex<HashMap<u16, Session>>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<Result<Result<()>>>>,
+}
+
+impl Responder {
+    /// Listens on all addresses of the server namespace.
+    pub fn start(lab: &Lab, port: u16, greet_delay: Duration) -> Result<Self> {
+        let sessions: Arc<Mutex<HashMap<u16, Session>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (s2, st2) = (sessions.clone(), stop.clone());
+        let accept = lab.in_server(move || -> Result<()> {
+            let l = TcpListener::bind(("::", port)).context("responder bind")?;
+            l.set_nonblocking(true)?;
+            let _ = ready_tx.send(());
+            while !st2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, peer)) => {
+                        let s3 = s2.clone();
+                        thread::spawn(move || serve(c, peer, greet_delay, s3));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| anyhow!("responder did not start"))?;
+        Ok(Responder {
+            port,
+            sessions,
+            stop,
+            accept: Some(accept),
+        })
+    }
+
+    pub fn session(&self, client_port: u16) -> Option<Session> {
+        self.sessions.lock().ok()?.get(&client_port).cloned()
+    }
+
+    /// Waits (bounded) until the session of `client_port` is closed.
+    pub fn wait_closed(&self, client_port: u16, timeout: Duration) -> Option<Session> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = self.session(client_port) {
+                if s.closed {
+                    return Some(s);
+                }
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve(
+    mut c: TcpStream,
+    peer: SocketAddr,
+    greet_delay: Duration,
+    sessions: Arc<Mutex<HashMap<u16, Session>>>,
+) {
+    let port = peer.port();
+    let record = |data: &[u8], closed: bool| {
+        if let Ok(mut m) = sessions.lock() {
+            let s = m.entry(port).or_default();
+            s.received.extend_from_slice(data);
+            s.closed |= closed;
+        }
+    };
+    record(b"", false);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+    if !greet_delay.is_zero() {
+        thread::sleep(greet_delay);
+    }
+    // The greeting is written at once after accept: any delay is earlytalker's.
+    if c.write_all(b"220 lab.example ESMTP responder\r\n").is_err() {
+        record(b"", true);
+        return;
+    }
+    let mut line = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        record(&buf[..n], false);
+        for &b in &buf[..n] {
+            line.push(b);
+            if b != b'\n' && line.len() < 1000 {
+                continue;
+            }
+            let verb = line.get(..4).map(|v| v.to_ascii_uppercase());
+            let reply: Option<&[u8]> = match verb.as_deref() {
+                Some(b"EHLO") | Some(b"HELO") => Some(b"250 lab.example\r\n"),
+                Some(b"QUIT") => Some(b"221 bye\r\n"),
+                _ => None,
+            };
+            if let Some(r) = reply {
+                let _ = c.write_all(r);
+            }
+            line.clear();
+        }
+    }
+    record(b"", true);
+}
+
+// ---------------------------------------------------------------- clients
+
+/// What a client saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub local_port: u16,
+    /// From connect() returning to the greeting's first line being read.
+    pub greeting_after: Duration,
+    pub greeting: String,
+}
+
+fn connect(server: SocketAddr) -> Result<TcpStream> {
+    let c = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+        .with_context(|| format!("connect {server}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(15)))?;
+    c.set_nodelay(true)?;
+    Ok(c)
+}
+
+fn read_line(r: &mut BufReader<TcpStream>) -> Result<String> {
+    let mut l = String::new();
+    r.read_line(&mut l).context("reading a reply")?;
+    if l.is_empty() {
+        bail!("connection closed before a reply");
+    }
+    Ok(l)
+}
+
+/// How a client behaves before the greeting.
+#[derive(Clone, Debug)]
+pub enum Manner {
+    /// Waits for the greeting, then EHLO/QUIT.
+    Polite,
+    /// Sends these bytes right after connect, then reads the greeting.
+    Bot(Vec<u8>),
+    /// Sends these bytes after the given pause, before the greeting.
+    Midway(Duration, Vec<u8>),
+}
+
+/// One SMTP client session from the current thread's namespace.
+pub fn session(server: SocketAddr, manner: &Manner) -> Result<Seen> {
+    let c = connect(server)?;
+    let t0 = Instant::now();
+    let local_port = c.local_addr()?.port();
+    let mut w = c.try_clone()?;
+    match manner {
+        Manner::Polite => {}
+        Manner::Bot(b) => w.write_all(b)?,
+        Manner::Midway(d, b) => {
+            thread::sleep(*d);
+            w.write_all(b)?;
+        }
+    }
+    let mut r = BufReader::new(c);
+    let greeting = read_line(&mut r)?;
+    let greeting_after = t0.elapsed();
+    w.write_all(b"EHLO client.example\r\n")?;
+    let _ = read_line(&mut r)?;
+    w.write_all(b"QUIT\r\n")?;
+    let _ = read_line(&mut r);
+    Ok(Seen {
+        local_port,
+        greeting_after,
+        greeting,
+    })
+}
+
+/// Reads the greeting, then sends `data` and half-closes; returns the local port.
+pub fn send_after_greeting(server: SocketAddr, data: &[u8]) -> Result<u16> {
+    let c = connect(server)?;
+    let port = c.local_addr()?.port();
+    let mut r = BufReader::new(c.try_clone()?);
+    read_line(&mut r)?;
+    let mut w = c;
+    w.write_all(data)?;
+    w.shutdown(Shutdown::Write)?;
+    // Drain until the server closes, so the data is surely delivered.
+    let mut sink = Vec::new();
+    let _ = r.read_to_end(&mut sink);
+    Ok(port)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for integrity checks.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- agent
+
+/// Path of the agent binary: $EARLYTALKER_BIN, else the workspace's release build.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EARLYTALKER_BIN") {
+        return p.into();
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/earlytalker")
+}
+
+/// The real agent, run inside the server namespace with JSON logs.
+pub struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    pub seen: Vec<Value>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts the agent on the lab's server veth and waits for its "started" line.
+    pub fn start(lab: &Lab, args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &lab.server_ns])
+            .arg(agent_bin())
+            .args(["--log-format", "json", "-i", &lab.server_if])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("spawning the agent")?;
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("piped");
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({"event": "unparsed", "line": line}));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (err, e2) = (child.stderr.take().expect("piped"), stderr.clone());
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Ok(mut s) = e2.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        let mut agent = Agent {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr,
+        };
+        agent
+            .wait_for(Duration::from_secs(20), |v| v["event"] == "started")
+            .with_context(|| format!("agent did not start; stderr: {}", agent.stderr()))?;
+        Ok(agent)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for a line matching `pred`; every line read is kept in `seen`.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return Ok(v.clone());
+        }
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "no matching agent line within {timeout:?}; saw {:?}",
+                    self.seen
+                );
+            }
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return Ok(v);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("agent exited; stderr: {}", self.stderr())
+                }
+            }
+        }
+    }
+
+    /// The verdict line about a client port, waiting for it (bounded).
+    pub fn verdict_for(&mut self, client_port: u16, timeout: Duration) -> Result<Value> {
+        let suffix = format!(":{client_port}");
+        self.wait_for(timeout, |v| {
+            matches!(
+                v["event"].as_str(),
+                Some("early_talker" | "pass" | "hangup")
+            ) && v["client"].as_str().is_some_and(|c| c.ends_with(&suffix))
+        })
+    }
+
+    /// Reads whatever lines arrive within `d`.
+    pub fn drain_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(v) => self.seen.push(v),
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub fn events(&self, kind: &str) -> Vec<&Value> {
+        self.seen.iter().filter(|v| v["event"] == kind).collect()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT, then waits (bounded) for a clean exit and collects the last lines.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        // `ip netns exec` execs the agent, so the child pid is the agent's.
+        // It may have exited already (e.g. after SIGTERM): nothing to signal then.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                self.drain_for(Duration::from_millis(200));
+                return Ok(st);
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                bail!("agent did not exit within 10 s of SIGINT");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs the agent binary once with `args` (in the lab's server namespace) and
+/// returns (exit code, stdout, stderr).
+pub fn run_agent_once(lab: &Lab, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.server_ns])
+        .arg(agent_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running the agent")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
