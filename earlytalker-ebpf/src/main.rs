@@ -357,7 +357,7 @@ fn ingress(ctx: &TcContext) {
             client_data(ctx, &seg, &key, &mut conn, now_ns);
             // seq of the SYN itself is consumed by the SYN flag.
             conn.client_end = seg.seq.wrapping_add(1).wrapping_add(seg.payload_len);
-            if CONNS.insert(&key, &conn, 0).is_err() {
+            if CONNS.insert(key, conn, 0).is_err() {
                 stat(S_MAP_FULL);
             } else {
                 stat(S_TRACKED);
@@ -370,7 +370,7 @@ fn ingress(ctx: &TcContext) {
     // SAFETY: the map value stays valid for this program run; LRU entries are
     // updated in place, races with the other direction only touch disjoint fields
     // or are benign (a flag set twice).
-    if let Some(conn) = CONNS.get_ptr_mut(&key) {
+    if let Some(conn) = CONNS.get_ptr_mut(key) {
         let conn = unsafe { &mut *conn };
         if seg.rst {
             verdict(&key, conn, R_CLIENT_RST, now_ns);
@@ -390,7 +390,7 @@ fn ingress(ctx: &TcContext) {
     }
     // The handshake's last ACK acknowledges the server's ISN + 1; anything else
     // (connections older than the agent, stray ACKs) stays untracked.
-    let hs = match HANDSHAKES.get_ptr(&key) {
+    let hs = match HANDSHAKES.get_ptr(key) {
         // SAFETY: a copy is taken at once; a concurrent SYN-ACK rewrite is harmless.
         Some(h) => unsafe { *h },
         None => return,
@@ -398,7 +398,7 @@ fn ingress(ctx: &TcContext) {
     if seg.ack_seq != hs.server_isn.wrapping_add(1) {
         return;
     }
-    let _ = HANDSHAKES.remove(&key);
+    let _ = HANDSHAKES.remove(key);
     let mut conn = new_conn(now_ns, hs.client_base);
     if seg.payload_len > 0 {
         client_data(ctx, &seg, &key, &mut conn, now_ns);
@@ -406,7 +406,7 @@ fn ingress(ctx: &TcContext) {
     if seg.fin {
         conn.flags |= F_CLIENT_FIN;
     }
-    if CONNS.insert(&key, &conn, 0).is_err() {
+    if CONNS.insert(key, conn, 0).is_err() {
         stat(S_MAP_FULL);
         return;
     }
@@ -452,19 +452,19 @@ fn egress(ctx: &TcContext) -> i32 {
     if seg.syn {
         if seg.ack {
             // Remember the half-open connection (TFO connections are tracked already).
-            if CONNS.get_ptr(&key).is_none() {
+            if CONNS.get_ptr(key).is_none() {
                 let hs = Handshake {
                     server_isn: seg.seq,
                     client_base: seg.ack_seq,
                 };
-                let _ = HANDSHAKES.insert(&key, &hs, 0);
+                let _ = HANDSHAKES.insert(key, hs, 0);
                 stat(S_HANDSHAKES);
             }
         }
         return TC_ACT_OK;
     }
 
-    let conn = match CONNS.get_ptr_mut(&key) {
+    let conn = match CONNS.get_ptr_mut(key) {
         // SAFETY: as in ingress.
         Some(c) => unsafe { &mut *c },
         None => return TC_ACT_OK,

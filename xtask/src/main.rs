@@ -1,1 +1,264 @@
-fn main() {}
+//! Developer and operator tasks: `cargo xtask setup|build|run|demo|test`.
+
+mod demo;
+
+use anyhow::{bail, Context, Result};
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+  setup          make this machine able to build (nightly rust-src, LLVM, bpf-linker)
+  build          setup, then build the agent (target/release/earlytalker)
+  run [-- ARGS]  build, then run the agent as root; with no ARGS and nothing
+                 listening on port 25, runs the demo instead
+  demo           a bot and a polite client in network namespaces, caught live
+  test           setup, build, unit tests, then the privileged suite (root)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build") => build(),
+        Some("run") => run(&args[1..]),
+        Some("demo") => require_root("demo")
+            .and_then(|()| build())
+            .and_then(|()| demo::run(&agent_bin())),
+        Some("test") => test(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn agent_bin() -> PathBuf {
+    root_dir().join("target/release/earlytalker")
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask {what}` needs root (BPF programs, network namespaces); try: sudo -E cargo xtask {what}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// LLVM major version of the nightly rustc: bpf-linker must match it.
+fn nightly_llvm_major() -> Result<u32> {
+    let v = output("rustc", &["+nightly", "-vV"])
+        .context("no nightly toolchain: run `rustup toolchain install nightly`")?;
+    let line = v
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV names no LLVM version")?;
+    line.split('.')
+        .next()
+        .and_then(|m| m.trim().parse().ok())
+        .context("odd LLVM version")
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output("dpkg-query", &["-W", "-f=${Status}", pkg])
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+/// bpf-linker present and linked against LLVM `major` (or static).
+fn bpf_linker_ok(major: u32) -> bool {
+    let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) else {
+        return false;
+    };
+    let path = path.trim();
+    match output("ldd", &[path]) {
+        Some(l) => match l.lines().find(|l| l.contains("libLLVM")) {
+            Some(line) => {
+                line.contains(&format!("libLLVM.so.{major}"))
+                    || line.contains(&format!("libLLVM-{major}"))
+            }
+            None => true,
+        },
+        None => true,
+    }
+}
+
+/// Idempotent: checks each requirement and installs what is missing when it can
+/// (root on Debian); otherwise prints exactly what to run.
+fn setup() -> Result<()> {
+    let can_install = is_root() && Path::new("/etc/debian_version").exists();
+    let mut todo: Vec<String> = Vec::new();
+
+    let src = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
+    if !src.lines().any(|l| l.starts_with("rust-src")) {
+        if can_install {
+            status(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))?;
+        } else {
+            todo.push("rustup component add rust-src --toolchain nightly".into());
+        }
+    }
+
+    let major = nightly_llvm_major()?;
+    let llvm = format!("/usr/lib/llvm-{major}");
+    let mut pkgs: Vec<String> = vec![format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")];
+    // Used by the tests and the demo.
+    pkgs.push("iproute2".into());
+    let missing: Vec<String> = pkgs.into_iter().filter(|p| !dpkg_installed(p)).collect();
+    if !missing.is_empty() {
+        if can_install {
+            status(Command::new("apt-get").args(["update", "-qq"]))?;
+            status(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        } else {
+            todo.push(format!("apt-get install -y {}", missing.join(" ")));
+        }
+    }
+
+    if !bpf_linker_ok(major) {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let mut cmd = cargo();
+        cmd.args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}"))
+        .env("PATH", format!("{llvm}/bin:{path}"))
+        .env(format!("LLVM_SYS_{major}1_PREFIX"), &llvm)
+        .env("LLVM_PREFIX", &llvm);
+        if todo.is_empty() {
+            status(&mut cmd)?;
+        } else {
+            todo.push(format!(
+                "PATH={llvm}/bin:$PATH LLVM_SYS_{major}1_PREFIX={llvm} LLVM_PREFIX={llvm} cargo install bpf-linker --force --no-default-features --features llvm-{major}"
+            ));
+        }
+    }
+
+    if !todo.is_empty() {
+        eprintln!("This machine cannot build earlytalker yet. Run:");
+        for t in &todo {
+            eprintln!("  {t}");
+        }
+        bail!("setup incomplete");
+    }
+    println!("setup: nightly rust-src, LLVM {major} and bpf-linker are in place");
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    setup()?;
+    status(
+        cargo()
+            .current_dir(root_dir())
+            .args(["build", "--release", "-p", "earlytalker"]),
+    )
+}
+
+/// Is anything listening on TCP port 25 here (IPv4 or IPv6)?
+fn smtp_listener_present() -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+                cols.len() > 3 && cols[3] == "0A" && cols[1].ends_with(":0019")
+            })
+    })
+}
+
+fn run(args: &[String]) -> Result<()> {
+    require_root("run")?;
+    let args: Vec<String> = match args.first().map(String::as_str) {
+        Some("--") => args[1..].to_vec(),
+        _ => args.to_vec(),
+    };
+    build()?;
+    if args.is_empty() && !smtp_listener_present() {
+        println!("Nothing listens on port 25 here: showing the demo. To guard a real MTA:");
+        println!("  sudo cargo xtask run -- --iface eth0 --action log\n");
+        return demo::run(&agent_bin());
+    }
+    // exec: signals from the terminal reach the agent directly.
+    let err = Command::new(agent_bin()).args(&args).exec();
+    bail!("cannot start the agent: {err}")
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: the earlytalker test suite loads BPF programs and builds network namespaces; it needs root. Run: sudo -E cargo xtask test");
+        bail!("not root: privileged suite not run");
+    }
+    build()?;
+    let mut cmd = cargo();
+    cmd.current_dir(root_dir())
+        .args(["test", "--release", "--workspace", "--"])
+        // Two lab tests at a time on two cores keeps timing honest.
+        .args(["--test-threads", "2"])
+        .args(extra)
+        .env("EARLYTALKER_BIN", agent_bin());
+    status(&mut cmd)
+}
