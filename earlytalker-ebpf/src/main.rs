@@ -290,26 +290,40 @@ fn copy_payload(ctx: &TcContext, seg: &Seg, conn: &mut Conn) {
     }
 }
 
-fn new_conn(now_ns: u64, client_base: u32) -> Conn {
-    let wait_ns = match CONFIG.get(0) {
-        Some(c) => c.wait_ns,
-        None => 0,
-    };
+#[inline(always)]
+fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
+}
+
+fn new_conn(cfg: &Config, now_ns: u64, client_base: u32, server_isn: u32) -> Conn {
     Conn {
         established_ns: now_ns,
-        release_ns: now_ns + wait_ns,
+        release_ns: now_ns + cfg.wait_ns,
         first_ns: 0,
         client_base,
         client_end: client_base,
+        server_isn,
         flags: 0,
         payload_len: 0,
+        pad: 0,
         payload: [0; PAYLOAD_MAX],
     }
 }
 
-/// Client payload before the greeting: count it, keep the first bytes once.
+/// Client payload before the greeting: count it, keep the first bytes once, and
+/// under enforcement condemn the connection. Returns the TC verdict for the segment.
 #[inline(always)]
-fn client_data(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn, now_ns: u64) {
+fn client_data(
+    ctx: &TcContext,
+    seg: &Seg,
+    key: &ConnKey,
+    conn: &mut Conn,
+    cfg: &Config,
+    now_ns: u64,
+) -> i32 {
     let end = seg.seq.wrapping_add(seg.payload_len);
     if seq_after(end, conn.client_end) {
         conn.client_end = end;
@@ -318,26 +332,32 @@ fn client_data(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn, now_n
         conn.flags |= F_EARLY;
         conn.first_ns = now_ns;
         copy_payload(ctx, seg, conn);
+        if cfg.flags & CFG_ENFORCE != 0 {
+            conn.flags |= F_DENY;
+        }
         stat(S_EARLY);
         emit(EV_EARLY, 0, key, conn, now_ns);
     }
+    if conn.flags & F_DENY != 0 {
+        stat(S_DENY_DROPS);
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_OK
 }
 
 #[classifier]
 pub fn et_ingress(ctx: TcContext) -> i32 {
-    ingress(&ctx);
-    // Detection only: ingress never drops.
-    TC_ACT_OK
+    ingress(&ctx)
 }
 
 #[inline(always)]
-fn ingress(ctx: &TcContext) {
+fn ingress(ctx: &TcContext) -> i32 {
     let seg = match parse(ctx) {
         Some(s) => s,
-        None => return,
+        None => return TC_ACT_OK,
     };
     if !port_watched(seg.dport) {
-        return;
+        return TC_ACT_OK;
     }
     let key = ConnKey {
         client_addr: seg.src,
@@ -347,83 +367,127 @@ fn ingress(ctx: &TcContext) {
         pad: 0,
     };
     let now_ns = now();
+    let cfg = config();
 
     if seg.syn {
-        if seg.payload_len > 0 && !seg.ack {
-            // TCP Fast Open: the client talked in its very first packet.
-            let mut conn = new_conn(now_ns, seg.seq.wrapping_add(1));
-            conn.flags |= F_SYN_DATA;
-            stat(S_SYN_DATA);
-            client_data(ctx, &seg, &key, &mut conn, now_ns);
-            // seq of the SYN itself is consumed by the SYN flag.
-            conn.client_end = seg.seq.wrapping_add(1).wrapping_add(seg.payload_len);
-            if CONNS.insert(key, conn, 0).is_err() {
-                stat(S_MAP_FULL);
-            } else {
-                stat(S_TRACKED);
-                debug!(ctx, "syn with {} bytes of data", seg.payload_len);
-            }
+        if seg.ack {
+            return TC_ACT_OK;
         }
-        return;
+        if seg.payload_len == 0 {
+            // A new connection on this 4-tuple: forget any stale (e.g. denied) one.
+            if CONNS.get_ptr(key).is_some() {
+                let _ = CONNS.remove(key);
+            }
+            return TC_ACT_OK;
+        }
+        stat(S_SYN_DATA);
+        if cfg.flags & CFG_ENFORCE != 0 {
+            // TCP Fast Open under enforcement: drop the SYN so no byte reaches the
+            // MTA; the client falls back to a plain SYN and its data, once sent
+            // after the handshake, is early like any other.
+            return TC_ACT_SHOT;
+        }
+        // The client talked in its very first packet.
+        let mut conn = new_conn(&cfg, now_ns, seg.seq.wrapping_add(1), 0);
+        conn.flags |= F_SYN_DATA;
+        client_data(ctx, &seg, &key, &mut conn, &cfg, now_ns);
+        // The SYN flag itself takes one sequence number before the data.
+        conn.client_end = conn.client_base.wrapping_add(seg.payload_len);
+        if CONNS.insert(key, conn, 0).is_err() {
+            stat(S_MAP_FULL);
+        } else {
+            stat(S_TRACKED);
+            debug!(ctx, "syn with {} bytes of data", seg.payload_len);
+        }
+        return TC_ACT_OK;
     }
 
-    // SAFETY: the map value stays valid for this program run; LRU entries are
-    // updated in place, races with the other direction only touch disjoint fields
-    // or are benign (a flag set twice).
     if let Some(conn) = CONNS.get_ptr_mut(key) {
+        // SAFETY: the map value stays valid for this program run; races with the
+        // other direction touch disjoint fields or set the same flag twice.
         let conn = unsafe { &mut *conn };
-        if seg.rst {
-            verdict(&key, conn, R_CLIENT_RST, now_ns);
-            return;
+        if conn.flags & F_DENY != 0 {
+            // Retransmissions, pipelined commands, FIN: none reach the MTA.
+            stat(S_DENY_DROPS);
+            return TC_ACT_SHOT;
         }
+        if conn.flags & F_GREETED != 0 {
+            if seg.rst {
+                closed(&key, conn, R_CLIENT_RST, now_ns);
+            } else if seg.fin {
+                closed(&key, conn, R_CLIENT_FIN, now_ns);
+            }
+            return TC_ACT_OK;
+        }
+        if seg.rst {
+            verdict(&key, conn, R_CLIENT_RST, now_ns, &cfg);
+            return TC_ACT_OK;
+        }
+        let mut act = TC_ACT_OK;
         if seg.payload_len > 0 {
-            client_data(ctx, &seg, &key, conn, now_ns);
+            act = client_data(ctx, &seg, &key, conn, &cfg, now_ns);
         }
         if seg.fin {
             conn.flags |= F_CLIENT_FIN;
         }
-        return;
+        return act;
     }
 
     if !seg.ack || seg.rst {
-        return;
+        return TC_ACT_OK;
     }
     // The handshake's last ACK acknowledges the server's ISN + 1; anything else
     // (connections older than the agent, stray ACKs) stays untracked.
     let hs = match HANDSHAKES.get_ptr(key) {
         // SAFETY: a copy is taken at once; a concurrent SYN-ACK rewrite is harmless.
         Some(h) => unsafe { *h },
-        None => return,
+        None => return TC_ACT_OK,
     };
     if seg.ack_seq != hs.server_isn.wrapping_add(1) {
-        return;
+        return TC_ACT_OK;
     }
     let _ = HANDSHAKES.remove(key);
-    let mut conn = new_conn(now_ns, hs.client_base);
+    let mut conn = new_conn(&cfg, now_ns, hs.client_base, hs.server_isn);
+    let mut act = TC_ACT_OK;
     if seg.payload_len > 0 {
-        client_data(ctx, &seg, &key, &mut conn, now_ns);
+        act = client_data(ctx, &seg, &key, &mut conn, &cfg, now_ns);
     }
     if seg.fin {
         conn.flags |= F_CLIENT_FIN;
     }
     if CONNS.insert(key, conn, 0).is_err() {
         stat(S_MAP_FULL);
-        return;
+        // Untracked from here on: fail open rather than hold a client forever.
+        return TC_ACT_OK;
     }
     stat(S_TRACKED);
+    act
 }
 
-/// Final event for a connection; its entry is then forgotten.
+/// Final event for a connection's pre-greeting phase. Its entry is forgotten,
+/// unless defer-reject needs to hear when an early talker's connection ends.
 #[inline(always)]
-fn verdict(key: &ConnKey, conn: &Conn, reason: u32, now_ns: u64) {
+fn verdict(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64, cfg: &Config) {
+    let early = conn.flags & F_EARLY != 0;
     if reason == R_GREETING {
-        if conn.flags & F_EARLY == 0 {
+        if !early {
             stat(S_PASS);
         }
-    } else if conn.flags & F_EARLY != 0 {
+    } else if early {
         stat(S_CLOSED_EARLY);
     }
     emit(EV_VERDICT, reason, key, conn, now_ns);
+    if reason == R_GREETING && early && cfg.flags & CFG_TRACK_EARLY != 0 {
+        conn.flags |= F_GREETED;
+    } else {
+        let _ = CONNS.remove(key);
+    }
+}
+
+/// A tracked early talker's connection ended after its greeting.
+#[inline(always)]
+fn closed(key: &ConnKey, conn: &Conn, reason: u32, now_ns: u64) {
+    emit(EV_CLOSED, reason, key, conn, now_ns);
     let _ = CONNS.remove(key);
 }
 
@@ -434,6 +498,11 @@ pub fn et_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    if unsafe { (*ctx.skb.skb).mark } == REPLY_MARK {
+        // The agent's reply to a denied client.
+        return TC_ACT_OK;
+    }
     let seg = match parse(ctx) {
         Some(s) => s,
         None => return TC_ACT_OK,
@@ -451,14 +520,19 @@ fn egress(ctx: &TcContext) -> i32 {
 
     if seg.syn {
         if seg.ack {
-            // Remember the half-open connection (TFO connections are tracked already).
-            if CONNS.get_ptr(key).is_none() {
-                let hs = Handshake {
-                    server_isn: seg.seq,
-                    client_base: seg.ack_seq,
-                };
-                let _ = HANDSHAKES.insert(key, hs, 0);
-                stat(S_HANDSHAKES);
+            match CONNS.get_ptr_mut(key) {
+                // TFO connections are tracked from their SYN; learn the ISN now.
+                // SAFETY: as in ingress.
+                Some(c) => unsafe { (*c).server_isn = seg.seq },
+                None => {
+                    // Remember the half-open connection.
+                    let hs = Handshake {
+                        server_isn: seg.seq,
+                        client_base: seg.ack_seq,
+                    };
+                    let _ = HANDSHAKES.insert(key, hs, 0);
+                    stat(S_HANDSHAKES);
+                }
             }
         }
         return TC_ACT_OK;
@@ -469,7 +543,22 @@ fn egress(ctx: &TcContext) -> i32 {
         Some(c) => unsafe { &mut *c },
         None => return TC_ACT_OK,
     };
+    if conn.flags & F_DENY != 0 {
+        // The MTA's greeting, and the reset its socket sends when the agent tears
+        // it down, never reach the client: it already has our reply and FIN.
+        stat(S_DENY_DROPS);
+        return TC_ACT_SHOT;
+    }
     let now_ns = now();
+    if conn.flags & F_GREETED != 0 {
+        if seg.rst {
+            closed(&key, conn, R_SERVER_RST, now_ns);
+        } else if seg.fin {
+            closed(&key, conn, R_SERVER_FIN, now_ns);
+        }
+        return TC_ACT_OK;
+    }
+    let cfg = config();
     if seg.payload_len > 0 {
         if now_ns < conn.release_ns {
             // Hold: TCP keeps the segment queued and retries every ~500 ms.
@@ -477,13 +566,13 @@ fn egress(ctx: &TcContext) -> i32 {
             stat(S_HOLD_DROPS);
             return TC_ACT_SHOT;
         }
-        verdict(&key, conn, R_GREETING, now_ns);
+        verdict(&key, conn, R_GREETING, now_ns, &cfg);
         return TC_ACT_OK;
     }
     if seg.rst {
-        verdict(&key, conn, R_SERVER_RST, now_ns);
+        verdict(&key, conn, R_SERVER_RST, now_ns, &cfg);
     } else if seg.fin {
-        verdict(&key, conn, R_SERVER_FIN, now_ns);
+        verdict(&key, conn, R_SERVER_FIN, now_ns, &cfg);
     }
     TC_ACT_OK
 }

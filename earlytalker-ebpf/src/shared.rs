@@ -51,8 +51,12 @@ pub struct Conn {
     /// Highest client sequence end seen before the greeting: bytes = end - base,
     /// so retransmissions are not counted twice.
     pub client_end: u32,
+    /// Server's initial sequence number: the agent's reply to a denied client
+    /// starts at server_isn + 1, where the held greeting would have.
+    pub server_isn: u32,
     pub flags: u32,
     pub payload_len: u32,
+    pub pad: u32,
     pub payload: [u8; PAYLOAD_MAX],
 }
 
@@ -64,6 +68,15 @@ pub const F_SYN_DATA: u32 = 1 << 1;
 pub const F_HELD: u32 = 1 << 2;
 /// The client sent FIN before the greeting.
 pub const F_CLIENT_FIN: u32 = 1 << 3;
+/// Enforced (deny/denysoft): every further segment of the connection is dropped in
+/// both directions, except the agent's reply (marked REPLY_MARK).
+pub const F_DENY: u32 = 1 << 4;
+/// The greeting left; the entry is kept only to report the connection's end
+/// (defer-reject needs to know how long the verdict matters).
+pub const F_GREETED: u32 = 1 << 5;
+
+/// skb->mark of the agent's own reply segments, which egress lets through.
+pub const REPLY_MARK: u32 = 0x6574_616c; // "etal"
 
 /// Half-open connection: recorded when the server answers a SYN, so that a SYN
 /// flood only churns this map and never evicts established connections.
@@ -85,6 +98,11 @@ pub struct Config {
     pub flags: u64,
 }
 
+/// Config.flags: drop early talkers' bytes and their greeting (deny, denysoft).
+pub const CFG_ENFORCE: u64 = 1 << 0;
+/// Config.flags: keep early talkers tracked until they close (defer-reject).
+pub const CFG_TRACK_EARLY: u64 = 1 << 1;
+
 /// Ring buffer record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -101,12 +119,15 @@ pub struct Event {
 pub const EV_EARLY: u32 = 1;
 /// Final word on a connection: its greeting left, or it closed before one did.
 pub const EV_VERDICT: u32 = 2;
+/// An early talker tracked after its greeting (CFG_TRACK_EARLY) has closed.
+pub const EV_CLOSED: u32 = 3;
 
 /// Why a verdict was emitted.
 pub const R_GREETING: u32 = 1;
 pub const R_CLIENT_RST: u32 = 2;
 pub const R_SERVER_FIN: u32 = 3;
 pub const R_SERVER_RST: u32 = 4;
+pub const R_CLIENT_FIN: u32 = 5;
 
 /// Indexes into the per-CPU STATS array.
 pub const S_TRACKED: u32 = 0;
@@ -118,7 +139,8 @@ pub const S_MAP_FULL: u32 = 5;
 pub const S_HANDSHAKES: u32 = 6;
 pub const S_SYN_DATA: u32 = 7;
 pub const S_CLOSED_EARLY: u32 = 8;
-pub const S_COUNT: u32 = 9;
+pub const S_DENY_DROPS: u32 = 9;
+pub const S_COUNT: u32 = 10;
 
 /// Names for the counters, indexed like STATS.
 pub const STAT_NAMES: [&str; S_COUNT as usize] = [
@@ -131,4 +153,5 @@ pub const STAT_NAMES: [&str; S_COUNT as usize] = [
     "handshakes_seen",
     "syn_data",
     "closed_before_greeting",
+    "enforced_segments_dropped",
 ];

@@ -64,6 +64,14 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Serve Postfix's policy delegation protocol on this unix socket (mode 0660)
+    #[arg(long, value_name = "PATH")]
+    pub policy_socket: Option<std::path::PathBuf>,
+
+    /// Serve Postfix's policy delegation protocol on this TCP address (loopback only)
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_loopback)]
+    pub policy_listen: Option<std::net::SocketAddr>,
+
     /// Size of the connection table in the kernel (LRU; entries live until the greeting)
     #[arg(long, value_name = "N", default_value = "65536",
           value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
@@ -72,6 +80,18 @@ pub struct Cli {
     /// More diagnostics on stderr, including the kernel programs' debug messages
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+/// Parses a TCP listen address and insists on loopback: the policy answers must
+/// not be offered to the network.
+pub fn parse_loopback(s: &str) -> Result<std::net::SocketAddr, String> {
+    let a: std::net::SocketAddr = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not an ADDR:PORT (e.g. 127.0.0.1:10040)"))?;
+    if !a.ip().is_loopback() {
+        return Err(format!("'{s}' is not a loopback address"));
+    }
+    Ok(a)
 }
 
 /// Parses `--wait`: a non-negative decimal number of seconds.
@@ -100,6 +120,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub max_connections: u32,
     pub verbose: bool,
+    pub policy_socket: Option<std::path::PathBuf>,
+    pub policy_listen: Option<std::net::SocketAddr>,
 }
 
 impl Settings {
@@ -108,18 +130,6 @@ impl Settings {
         cli: Cli,
         default_iface: impl FnOnce() -> anyhow::Result<String>,
     ) -> anyhow::Result<Self> {
-        // Enforcement is issue #3; refusing beats silently only logging.
-        if cli.defer_reject {
-            anyhow::bail!(
-                "--defer-reject is not implemented yet; run with --action log until enforcement lands"
-            );
-        }
-        if cli.action != Action::Log {
-            anyhow::bail!(
-                "--action {} is not implemented yet (only log is); run with --action log until enforcement lands",
-                cli.action
-            );
-        }
         let mut ifaces = cli.iface;
         if ifaces.is_empty() {
             ifaces.push(default_iface()?);
@@ -139,7 +149,24 @@ impl Settings {
             log_format: cli.log_format,
             max_connections: cli.max_connections,
             verbose: cli.verbose,
+            policy_socket: cli.policy_socket,
+            policy_listen: cli.policy_listen,
         })
+    }
+
+    /// The kernel drops early talkers' bytes and their greeting.
+    pub fn enforce(&self) -> bool {
+        self.action != Action::Log && !self.defer_reject
+    }
+
+    /// What is done to an early talker, as logged.
+    pub fn taken(&self) -> &'static str {
+        match (self.action, self.defer_reject) {
+            (Action::Log, _) => "log",
+            (_, true) => "defer",
+            (Action::Deny, false) => "deny",
+            (Action::Denysoft, false) => "denysoft",
+        }
     }
 
     /// Refuses a wait the greeting-hold technique cannot deliver on this kernel.
@@ -214,16 +241,26 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_actions_are_refused() {
-        for args in [
-            &[][..],
-            &["-a", "deny"],
-            &["-a", "denysoft"],
-            &["-a", "log", "--defer-reject"],
-        ] {
-            let e = settings(args).unwrap_err().to_string();
-            assert!(e.contains("not implemented"), "{args:?}: {e}");
-        }
+    fn actions_and_defer_reject() {
+        let taken = |a: &[&str]| {
+            let s = settings(a).unwrap();
+            (s.taken(), s.enforce())
+        };
+        assert_eq!(taken(&[]), ("denysoft", true));
+        assert_eq!(taken(&["-a", "deny"]), ("deny", true));
+        assert_eq!(taken(&["-a", "log"]), ("log", false));
+        assert_eq!(taken(&["--defer-reject"]), ("defer", false));
+        assert_eq!(taken(&["-a", "deny", "--defer-reject"]), ("defer", false));
+        assert_eq!(taken(&["-a", "log", "--defer-reject"]), ("log", false));
+    }
+
+    #[test]
+    fn policy_listen_must_be_loopback() {
+        assert!(parse_loopback("127.0.0.1:10040").is_ok());
+        assert!(parse_loopback("[::1]:10040").is_ok());
+        assert!(parse_loopback("0.0.0.0:10040").is_err());
+        assert!(parse_loopback("10.0.0.1:10040").is_err());
+        assert!(parse_loopback("localhost").is_err());
     }
 
     #[test]

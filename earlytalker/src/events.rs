@@ -1,7 +1,6 @@
 //! Turning kernel records into verdicts, and remembering early talkers until their
 //! verdict arrives (or until it is clear that no greeting is coming).
 
-use crate::config::Action;
 use crate::shared::{
     Conn, ConnKey, Event, EV_EARLY, EV_VERDICT, F_EARLY, F_SYN_DATA, PAYLOAD_MAX, R_CLIENT_RST,
     R_GREETING, R_SERVER_FIN, R_SERVER_RST,
@@ -30,6 +29,8 @@ pub enum End {
     ServerReset,
     /// The agent gave up waiting for a greeting.
     NoGreeting,
+    /// Enforced: the client got our reply instead of the greeting.
+    Denied,
 }
 
 impl End {
@@ -40,6 +41,7 @@ impl End {
             End::ServerClose => "server_close",
             End::ServerReset => "server_reset",
             End::NoGreeting => "no_greeting",
+            End::Denied => "denied",
         }
     }
 }
@@ -58,7 +60,8 @@ pub struct Verdict {
     pub greeting_after_ms: Option<f64>,
     pub payload: Vec<u8>,
     pub syn_data: bool,
-    pub action: Action,
+    /// What was done: deny, denysoft, defer or log.
+    pub action: &'static str,
 }
 
 fn addr(raw: [u8; 16]) -> IpAddr {
@@ -83,7 +86,7 @@ fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
 }
 
 /// Builds the verdict for a connection snapshot ending for `end` at `now_ns`.
-pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: Action) -> Verdict {
+pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: &'static str) -> Verdict {
     let early = conn.flags & F_EARLY != 0;
     let kind = match (early, end) {
         (true, _) => Kind::EarlyTalker,
@@ -138,7 +141,7 @@ struct Pending {
 
 /// Early talkers seen, waiting for their final verdict from the kernel.
 pub struct Tracker {
-    action: Action,
+    action: &'static str,
     grace_ns: u64,
     pending: HashMap<ConnKey, Pending>,
     /// Connections already reported by the sweep, so a late kernel verdict is not
@@ -149,7 +152,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(action: Action, grace_ns: u64, limit: usize) -> Self {
+    pub fn new(action: &'static str, grace_ns: u64, limit: usize) -> Self {
         Tracker {
             action,
             grace_ns,
@@ -231,7 +234,7 @@ impl Tracker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::shared::F_EARLY;
+    use crate::shared::{F_EARLY, R_GREETING};
 
     pub(crate) fn key4(c: [u8; 4], cp: u16, s: [u8; 4], sp: u16) -> ConnKey {
         let mut ca = [0u8; 16];
@@ -256,8 +259,10 @@ pub(crate) mod tests {
             first_ns: 0,
             client_base: u32::MAX - 3, // exercises sequence wrap-around
             client_end: u32::MAX - 3,
+            server_isn: 7,
             flags: 0,
             payload_len: 0,
+            pad: 0,
             payload: [0; PAYLOAD_MAX],
         };
         if !early.is_empty() {
@@ -299,7 +304,7 @@ pub(crate) mod tests {
             &conn(b"EHLO bot\r\n"),
             End::Greeting,
             2_231_000_000,
-            Action::Log,
+            "log",
         );
         assert_eq!(v.kind, Kind::EarlyTalker);
         assert_eq!(v.bytes, 10);
@@ -311,9 +316,9 @@ pub(crate) mod tests {
     #[test]
     fn pass_and_hangup() {
         let k = key4([10, 0, 0, 2], 1, [10, 0, 0, 1], 25);
-        let v = verdict(&k, &conn(b""), End::Greeting, 2_000_000_000, Action::Log);
+        let v = verdict(&k, &conn(b""), End::Greeting, 2_000_000_000, "log");
         assert_eq!((v.kind, v.bytes, v.after_ms), (Kind::Pass, 0, None));
-        let v = verdict(&k, &conn(b""), End::ClientReset, 2_000_000_000, Action::Log);
+        let v = verdict(&k, &conn(b""), End::ClientReset, 2_000_000_000, "log");
         assert_eq!((v.kind, v.greeting_after_ms), (Kind::Hangup, None));
     }
 
@@ -342,7 +347,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tracker_logs_once_and_sweeps_silent_servers() {
-        let mut t = Tracker::new(Action::Log, 5_000_000_000, 100);
+        let mut t = Tracker::new("log", 5_000_000_000, 100);
         let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
         let c = conn(b"EHLO bot\r\n");
         assert!(t.on_event(&ev(EV_EARLY, 0, k, c, 1)).is_none());
@@ -370,7 +375,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tracker_is_bounded() {
-        let mut t = Tracker::new(Action::Log, 1, 2);
+        let mut t = Tracker::new("log", 1, 2);
         for p in 0..10 {
             t.on_event(&ev(
                 EV_EARLY,

@@ -4,8 +4,8 @@
 
 use crate::config::{max_wait_for_retries, Settings};
 use crate::shared::{
-    Config, Conn, ConnKey, MAP_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PORTS, MAP_STATS, PORT_WORDS,
-    STAT_NAMES, S_COUNT,
+    Config, Conn, ConnKey, CFG_ENFORCE, CFG_TRACK_EARLY, MAP_CONFIG, MAP_CONNS, MAP_EVENTS,
+    MAP_PORTS, MAP_STATS, PORT_WORDS, STAT_NAMES, S_COUNT,
 };
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -72,9 +72,15 @@ pub fn ports_bitmap(ports: &[u16]) -> Vec<u64> {
 }
 
 pub fn config_for(s: &Settings) -> Config {
+    let flags = if s.enforce() {
+        CFG_ENFORCE
+    } else {
+        // The verdict store needs to hear when an early talker's connection ends.
+        CFG_TRACK_EARLY
+    };
     Config {
         wait_ns: u64::try_from(s.wait.as_nanos()).unwrap_or(u64::MAX),
-        flags: 0,
+        flags,
     }
 }
 

@@ -1,20 +1,30 @@
 //! earlytalker: catches SMTP clients that talk before the greeting, in the kernel,
 //! in front of any unmodified MTA.
 
+mod actions;
 mod config;
 mod events;
 mod iface;
 mod loader;
 mod output;
+mod policy;
 mod shared;
+mod store;
 
+use actions::Enforcer;
 use anyhow::{Context, Result};
 use clap::{error::ErrorKind, Parser};
 use config::{Cli, Settings};
-use events::Tracker;
+use events::{client_of, server_of, End, Kind, Tracker};
 use loader::{Features, Guard};
 use output::Out;
-use std::{process::ExitCode, time::Duration};
+use shared::{Event, EV_CLOSED, EV_EARLY, F_DENY};
+use std::{
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use store::Store;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -66,6 +76,15 @@ fn main() -> ExitCode {
     if let Err(e) = settings.check_wait(features.max_wait, &why) {
         return fail(e);
     }
+    // Opened before anything is attached, so a missing capability fails cleanly.
+    let enforcer = if settings.enforce() {
+        match Enforcer::new() {
+            Ok(e) => Some(e),
+            Err(e) => return fail(format!("{e:#}")),
+        }
+    } else {
+        None
+    };
     let guard = match Guard::load(&settings) {
         Ok(g) => g,
         // Whatever was attached is detached when the partial Guard drops.
@@ -79,7 +98,23 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    match rt.block_on(run(guard, settings, features)) {
+    let out = Out::new(settings.log_format);
+    let store = Arc::new(Mutex::new(Store::new(settings.max_connections as usize)));
+    if let Err(e) = rt.block_on(policy::start(
+        settings.policy_socket.clone(),
+        settings.policy_listen,
+        store.clone(),
+        out,
+    )) {
+        return fail(format!("{e:#}"));
+    }
+    let ctx = Ctx {
+        out,
+        store,
+        enforcer,
+        counts: Counts::default(),
+    };
+    match rt.block_on(run(guard, settings, features, ctx)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("earlytalker: fatal: {e:#}");
@@ -95,8 +130,112 @@ fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-async fn run(mut guard: Guard, s: Settings, f: Features) -> Result<()> {
-    let out = Out::new(s.log_format);
+/// What the agent did, beside the kernel's counters.
+#[derive(Default)]
+struct Counts {
+    deny: u64,
+    denysoft: u64,
+    defer: u64,
+    log: u64,
+    teardown_failures: u64,
+}
+
+impl Counts {
+    fn count(&mut self, taken: &str) {
+        match taken {
+            "deny" => self.deny += 1,
+            "denysoft" => self.denysoft += 1,
+            "defer" => self.defer += 1,
+            _ => self.log += 1,
+        }
+    }
+
+    fn list(&self) -> [(&'static str, u64); 5] {
+        [
+            ("action_deny", self.deny),
+            ("action_denysoft", self.denysoft),
+            ("action_defer", self.defer),
+            ("action_log", self.log),
+            ("teardown_failures", self.teardown_failures),
+        ]
+    }
+}
+
+struct Ctx {
+    out: Out,
+    store: Arc<Mutex<Store>>,
+    enforcer: Option<Enforcer>,
+    counts: Counts,
+}
+
+impl Ctx {
+    /// Acts on one kernel record.
+    fn handle(&mut self, ev: &Event, s: &Settings, tracker: &mut Tracker) {
+        let client = client_of(&ev.key);
+        match ev.kind {
+            EV_EARLY => {
+                let bytes = ev.conn.client_end.wrapping_sub(ev.conn.client_base);
+                self.store.lock().expect("store lock").insert(
+                    client,
+                    server_of(&ev.key),
+                    s.action,
+                    s.defer_reject,
+                    bytes,
+                    Instant::now(),
+                );
+                if ev.conn.flags & F_DENY != 0 {
+                    self.enforce(ev, s);
+                    return;
+                }
+            }
+            EV_CLOSED => {
+                self.store
+                    .lock()
+                    .expect("store lock")
+                    .closed(&client, Instant::now());
+                return;
+            }
+            _ => {}
+        }
+        if let Some(v) = tracker.on_event(ev) {
+            self.report(&v);
+        }
+    }
+
+    fn report(&mut self, v: &events::Verdict) {
+        if v.kind == Kind::EarlyTalker {
+            self.counts.count(v.action);
+            self.store
+                .lock()
+                .expect("store lock")
+                .update_bytes(&v.client, v.bytes);
+        }
+        self.out.verdict(v);
+    }
+
+    /// deny/denysoft: reply in place of the greeting, tear the MTA's socket down.
+    fn enforce(&mut self, ev: &Event, s: &Settings) {
+        let v = events::verdict(&ev.key, &ev.conn, End::Denied, ev.now_ns, s.taken());
+        let Some(enforcer) = self.enforcer.as_mut() else {
+            log::error!("kernel condemned {} but enforcement is off", v.client);
+            return;
+        };
+        let outcome = enforcer.deny(&ev.key, &ev.conn, s.action);
+        self.report(&v);
+        for (step, err) in [
+            ("reply", outcome.reply_error),
+            ("destroy", outcome.destroy_error),
+        ] {
+            if let Some(e) = err {
+                self.counts.teardown_failures += 1;
+                self.out.teardown_failed(v.client, v.server, step, &e);
+            }
+        }
+    }
+}
+
+async fn run(mut guard: Guard, s: Settings, f: Features, mut ctx: Ctx) -> Result<()> {
+    let out = ctx.out;
     // SAFETY: RingBuf and EbpfLogger own their map fd until dropped, which only
     // happens together with the AsyncFd wrapping them.
     let mut ring =
@@ -114,7 +253,7 @@ async fn run(mut guard: Guard, s: Settings, f: Features) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
-    let mut tracker = Tracker::new(s.action, grace, s.max_connections as usize);
+    let mut tracker = Tracker::new(s.taken(), grace, s.max_connections as usize);
 
     out.started(&s, f.max_wait, &f.kernel);
     log::info!(
@@ -125,14 +264,12 @@ async fn run(mut guard: Guard, s: Settings, f: Features) -> Result<()> {
         config::secs(f.max_wait)
     );
 
-    let drain = |ring: &mut aya::maps::RingBuf<aya::maps::MapData>, tracker: &mut Tracker| {
+    let drain = |ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+                 tracker: &mut Tracker,
+                 ctx: &mut Ctx| {
         while let Some(item) = ring.next() {
             match events::decode(&item) {
-                Some(ev) => {
-                    if let Some(v) = tracker.on_event(&ev) {
-                        out.verdict(&v);
-                    }
-                }
+                Some(ev) => ctx.handle(&ev, &s, tracker),
                 None => log::warn!("ignoring a malformed kernel record of {} bytes", item.len()),
             }
         }
@@ -142,7 +279,7 @@ async fn run(mut guard: Guard, s: Settings, f: Features) -> Result<()> {
         tokio::select! {
             r = ring.readable_mut() => {
                 let mut g = r.context("event ring buffer")?;
-                drain(g.get_inner_mut(), &mut tracker);
+                drain(g.get_inner_mut(), &mut tracker, &mut ctx);
                 g.clear_ready();
             }
             r = async { klog.as_mut().expect("guarded").readable_mut().await }, if klog.is_some() => {
@@ -154,18 +291,24 @@ async fn run(mut guard: Guard, s: Settings, f: Features) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
                 for v in tracker.sweep(monotonic_ns(), |k| guard.lookup(k)) {
-                    out.verdict(&v);
+                    ctx.report(&v);
                 }
+                ctx.store.lock().expect("store lock").expire(Instant::now());
             }
         }
     }
 
     // Verdicts already in the ring are still reported.
-    drain(ring.get_mut(), &mut tracker);
+    drain(ring.get_mut(), &mut tracker, &mut ctx);
     if let Some(k) = klog.as_mut() {
         k.get_mut().flush();
     }
-    out.stopped(&guard.counters());
+    let mut counters = guard.counters();
+    counters.extend(ctx.counts.list());
+    out.stopped(&counters);
+    if let Some(p) = &s.policy_socket {
+        let _ = std::fs::remove_file(p);
+    }
     drop(ring);
     guard.detach();
     log::info!("detached; exiting");

@@ -2,7 +2,7 @@
 //! Each line is written and flushed at once so `tail -f` shows it immediately.
 
 use crate::config::{secs, LogFormat, Settings};
-use crate::events::{Kind, Verdict};
+use crate::events::{End, Kind, Verdict};
 use serde_json::{json, Value};
 use std::{
     fmt::Write as _,
@@ -55,6 +55,8 @@ pub fn text(v: &Verdict) -> String {
                 Some(g) => {
                     let _ = write!(line, " greeting after {}", s3(g));
                 }
+                // Denied: the reply replaced the greeting; nothing more to say.
+                None if v.end == End::Denied => {}
                 None => {
                     let _ = write!(line, " ended by {}", v.end.as_str());
                 }
@@ -85,7 +87,7 @@ pub fn json_value(v: &Verdict) -> Value {
             "bytes": v.bytes,
             "after_ms": v.after_ms,
             "payload": escape(&v.payload),
-            "action": v.action.to_string(),
+            "action": v.action,
             "greeting_after_ms": v.greeting_after_ms,
             "end": v.end.as_str(),
             "syn_data": v.syn_data,
@@ -110,6 +112,7 @@ fn timestamp() -> String {
 }
 
 /// Writes verdict and lifecycle lines to stdout in the configured format.
+#[derive(Clone, Copy)]
 pub struct Out {
     format: LogFormat,
 }
@@ -166,6 +169,49 @@ impl Out {
         self.emit(text, json);
     }
 
+    /// A policy lookup that matched an early talker.
+    pub fn policy(
+        &self,
+        client: SocketAddr,
+        state: &str,
+        sender: &str,
+        recipient: &str,
+        answer: &str,
+    ) {
+        let text = format!(
+            "POLICY {state} from {} sender=<{}> recipient=<{}>: {answer}",
+            bracketed(&client),
+            escape(sender.as_bytes()),
+            escape(recipient.as_bytes())
+        );
+        let json = json!({
+            "event": "policy",
+            "client": client.to_string(),
+            "state": state,
+            "sender": sender,
+            "recipient": recipient,
+            "answer": answer,
+        });
+        self.emit(text, json);
+    }
+
+    /// One step of an enforcement failed (the others still ran).
+    pub fn teardown_failed(&self, client: SocketAddr, server: SocketAddr, step: &str, error: &str) {
+        let text = format!(
+            "TEARDOWN-FAILED {step} for {} to {}: {error}",
+            bracketed(&client),
+            bracketed(&server)
+        );
+        let json = json!({
+            "event": "teardown_failed",
+            "client": client.to_string(),
+            "server": server.to_string(),
+            "step": step,
+            "error": error,
+        });
+        self.emit(text, json);
+    }
+
     pub fn stopped(&self, counters: &[(&str, u64)]) {
         let text = format!(
             "STOPPED {}",
@@ -187,8 +233,7 @@ impl Out {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Action;
-    use crate::events::{tests::conn, tests::key4, verdict, End};
+    use crate::events::{tests::conn, tests::key4, verdict};
 
     #[test]
     fn escape_keeps_terminals_safe() {
@@ -207,13 +252,13 @@ mod tests {
             &conn(b"EHLO bot\r\n"),
             End::Greeting,
             2_231_000_000,
-            Action::Log,
+            "log",
         );
         assert_eq!(
             text(&v),
             "PREGREET 10 after 0.004 from [10.0.0.2]:40000 to [10.0.0.1]:25 action=log greeting after 1.231: EHLO bot\\r\\n"
         );
-        let v = verdict(&k, &conn(b""), End::Greeting, 2_231_000_000, Action::Log);
+        let v = verdict(&k, &conn(b""), End::Greeting, 2_231_000_000, "log");
         assert_eq!(
             text(&v),
             "PASS greeting after 1.231 from [10.0.0.2]:40000 to [10.0.0.1]:25"
@@ -228,7 +273,7 @@ mod tests {
             &conn(b"EHLO bot\r\n"),
             End::Greeting,
             2_231_000_000,
-            Action::Log,
+            "log",
         ));
         assert_eq!(v["event"], "early_talker");
         assert_eq!(v["client"], "10.0.0.2:40000");
@@ -242,7 +287,7 @@ mod tests {
             &conn(b""),
             End::Greeting,
             2_231_000_000,
-            Action::Log,
+            "log",
         ));
         assert_eq!(p["event"], "pass");
         assert_eq!(p["greeting_after_ms"], 1231.0);

@@ -188,12 +188,19 @@ pub fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {
 // ---------------------------------------------------------------- responder
 
 /// What the responder saw on one connection.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Session {
     pub received: Vec<u8>,
     /// The client's side ended (EOF, reset or error) and the socket was closed.
     pub closed: bool,
+    pub accepted_at: Instant,
+    pub closed_at: Option<Instant>,
+    /// How the socket ended: "eof", or the error of the read/write that failed.
+    pub end: String,
 }
+
+/// A greet_delay meaning "never greet".
+pub const NEVER: Duration = Duration::MAX;
 
 /// A minimal SMTP server: greets (optionally late), answers EHLO/HELO/QUIT and
 /// records every byte it receives, keyed by the client's port.
@@ -275,31 +282,44 @@ fn serve(
     sessions: Arc<Mutex<HashMap<u16, Session>>>,
 ) {
     let port = peer.port();
-    let record = |data: &[u8], closed: bool| {
+    let record = |data: &[u8], end: Option<String>| {
         if let Ok(mut m) = sessions.lock() {
-            let s = m.entry(port).or_default();
+            let s = m.entry(port).or_insert_with(|| Session {
+                received: Vec::new(),
+                closed: false,
+                accepted_at: Instant::now(),
+                closed_at: None,
+                end: String::new(),
+            });
             s.received.extend_from_slice(data);
-            s.closed |= closed;
+            if let Some(e) = end {
+                s.closed = true;
+                s.closed_at = Some(Instant::now());
+                s.end = e;
+            }
         }
     };
-    record(b"", false);
+    record(b"", None);
     let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-    if !greet_delay.is_zero() {
-        thread::sleep(greet_delay);
-    }
-    // The greeting is written at once after accept: any delay is earlytalker's.
-    if c.write_all(b"220 lab.example ESMTP responder\r\n").is_err() {
-        record(b"", true);
-        return;
+    if greet_delay != NEVER {
+        if !greet_delay.is_zero() {
+            thread::sleep(greet_delay);
+        }
+        // The greeting is written at once after accept: any delay is earlytalker's.
+        if let Err(e) = c.write_all(b"220 lab.example ESMTP responder\r\n") {
+            record(b"", Some(format!("write: {e}")));
+            return;
+        }
     }
     let mut line = Vec::new();
     let mut buf = [0u8; 16384];
-    loop {
+    let end = loop {
         let n = match c.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break "eof".to_string(),
+            Err(e) => break format!("read: {e}"),
             Ok(n) => n,
         };
-        record(&buf[..n], false);
+        record(&buf[..n], None);
         for &b in &buf[..n] {
             line.push(b);
             if b != b'\n' && line.len() < 1000 {
@@ -316,8 +336,8 @@ fn serve(
             }
             line.clear();
         }
-    }
-    record(b"", true);
+    };
+    record(b"", Some(end));
 }
 
 // ---------------------------------------------------------------- clients
@@ -400,6 +420,61 @@ pub fn send_after_greeting(server: SocketAddr, data: &[u8]) -> Result<u16> {
     let mut sink = Vec::new();
     let _ = r.read_to_end(&mut sink);
     Ok(port)
+}
+
+/// A bot that sends `data` at once (then half-closes if `fin`), and reads
+/// everything the server sends until EOF or reset (bounded by 15 s).
+#[derive(Clone, Debug)]
+pub struct BotRun {
+    pub local_port: u16,
+    pub received: Vec<u8>,
+    /// "eof", "reset" or an error description.
+    pub end: String,
+    pub elapsed: Duration,
+}
+
+pub fn bot_read_all(server: SocketAddr, data: &[u8], fin: bool) -> Result<BotRun> {
+    let mut c = connect(server)?;
+    let t0 = Instant::now();
+    let local_port = c.local_addr()?.port();
+    c.write_all(data)?;
+    if fin {
+        c.shutdown(Shutdown::Write)?;
+    }
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break "eof".to_string(),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset".into(),
+            Err(e) => break format!("{e}"),
+        }
+    };
+    Ok(BotRun {
+        local_port,
+        received,
+        end,
+        elapsed: t0.elapsed(),
+    })
+}
+
+/// One Postfix policy request over TCP; returns the action line's value.
+pub fn policy_query(addr: SocketAddr, attrs: &[(&str, &str)]) -> Result<String> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = String::new();
+    for (k, v) in attrs {
+        req.push_str(&format!("{k}={v}\n"));
+    }
+    req.push('\n');
+    c.write_all(req.as_bytes())?;
+    let mut r = BufReader::new(c);
+    let line = read_line(&mut r)?;
+    line.trim_end()
+        .strip_prefix("action=")
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("odd policy answer {line:?}"))
 }
 
 /// Deterministic pseudo-random bytes (xorshift), for integrity checks.

@@ -271,9 +271,9 @@ fn t11_bad_input_exits_2_with_one_line() {
         &["-a", "log", "--wait", "abc"],
         &["-a", "log", "--wait", "60"],
         &["-a", "log", "--iface", "nosuch"],
-        // Enforcement is the next issue: refused, never silently downgraded.
-        &["-a", "deny"],
-        &[],
+        &["-a", "maybe"],
+        // Policy answers are never offered to the network.
+        &["--policy-listen", "0.0.0.0:10040"],
     ];
     for args in cases {
         let mut full: Vec<&str> = vec!["-i", &lab.server_if];

@@ -2,7 +2,7 @@
 //! polite client and a bot, with the real agent (text log) between them.
 
 use anyhow::{bail, Context, Result};
-use earlytalker_tests::{join, session, Lab, Manner, Responder};
+use earlytalker_tests::{bot_read_all, join, session, Lab, Manner, Responder};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -23,16 +23,16 @@ pub fn run(agent: &Path) -> Result<()> {
         "      client namespace {}, joined by veth {} <-> {}",
         lab.client_ns, lab.server_if, lab.client_if
     );
-    let _resp = Responder::start(&lab, 25, Duration::ZERO)?;
+    let resp = Responder::start(&lab, 25, Duration::ZERO)?;
 
     println!(
-        "demo: starting earlytalker -i {} --action log --wait 1\n",
+        "demo: starting earlytalker -i {} --wait 1   (default action: denysoft)\n",
         lab.server_if
     );
     let mut child = Command::new("ip")
         .args(["netns", "exec", &lab.server_ns])
         .arg(agent)
-        .args(["-i", &lab.server_if, "--action", "log", "--wait", "1"])
+        .args(["-i", &lab.server_if, "--wait", "1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -47,7 +47,7 @@ pub fn run(agent: &Path) -> Result<()> {
             }
         }
     });
-    let result = drive(&lab, &rx);
+    let result = drive(&lab, &resp, &rx);
     // SIGINT: the agent detaches and prints its counters.
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -77,7 +77,7 @@ fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> boo
     bail!("the agent did not report {what} within 15 s")
 }
 
-fn drive(lab: &Lab, rx: &mpsc::Receiver<String>) -> Result<()> {
+fn drive(lab: &Lab, resp: &Responder, rx: &mpsc::Receiver<String>) -> Result<()> {
     wait_line(rx, "its start", |l| l.contains(" STARTED "))?;
     let server = SocketAddr::new(lab.server_addr(false), 25);
 
@@ -95,15 +95,20 @@ fn drive(lab: &Lab, rx: &mpsc::Receiver<String>) -> Result<()> {
     })?;
 
     println!("\ndemo: a bot connects and sends \"EHLO bot\" at once, without waiting...");
-    let bot = Manner::Bot(b"EHLO bot\r\nMAIL FROM:<spam@example.net>\r\n".to_vec());
-    let seen = join(lab.in_client(move || session(server, &bot)))??;
+    let bot = b"EHLO bot\r\nMAIL FROM:<spam@example.net>\r\n";
+    let run = join(lab.in_client(move || bot_read_all(server, bot, false)))??;
     println!(
-        "demo: bot (port {}) talked first; the greeting came {:.2} s after connect",
-        seen.local_port,
-        seen.greeting_after.as_secs_f64()
+        "demo: bot (port {}) talked first and received {:?}, then {} after {:.3} s",
+        run.local_port,
+        String::from_utf8_lossy(&run.received),
+        run.end,
+        run.elapsed.as_secs_f64()
     );
-    let b = format!(":{} ", seen.local_port);
+    let b = format!(":{} ", run.local_port);
     wait_line(rx, "the bot", |l| l.contains("PREGREET") && l.contains(&b))?;
-    println!("\ndemo: caught. (--action log only reports; deny/denysoft enforcement is coming.)");
+    let delivered = resp.session(run.local_port).map_or(0, |s| s.received.len());
+    println!(
+        "\ndemo: caught and refused in the kernel; bytes of the bot's that reached the responder: {delivered}"
+    );
     Ok(())
 }

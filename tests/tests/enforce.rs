@@ -1,0 +1,335 @@
+//! Enforcement (deny, denysoft, defer-reject) against an unmodified server, in
+//! network namespaces, with the real agent. Needs root.
+
+use earlytalker_tests::*;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+const PORT: u16 = 25;
+const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
+
+fn require_root() {
+    assert!(
+        is_root(),
+        "the privileged suite needs root; run `cargo xtask test` as root"
+    );
+}
+
+fn setup(args: &[&str], greet: Duration) -> (Lab, Responder, Agent) {
+    require_root();
+    let lab = Lab::new().expect("lab");
+    let resp = Responder::start(&lab, PORT, greet).expect("responder");
+    let agent = Agent::start(&lab, args).expect("agent");
+    (lab, resp, agent)
+}
+
+fn bot_run(lab: &Lab, server: SocketAddr, data: &[u8], fin: bool) -> BotRun {
+    let d = data.to_vec();
+    join(lab.in_client(move || bot_read_all(server, &d, fin)))
+        .unwrap()
+        .unwrap()
+}
+
+/// The bot got exactly one reply line with `code`, then the connection closed;
+/// the responder got nothing and its socket was torn down within wait + 1 s.
+fn assert_rejected(
+    lab: &Lab,
+    resp: &Responder,
+    agent: &mut Agent,
+    run: &BotRun,
+    code: &str,
+    wait: f64,
+    taken: &str,
+) {
+    let text = String::from_utf8_lossy(&run.received);
+    assert_eq!(
+        text,
+        format!("{code} {TEXT}\r\n"),
+        "bot received {text:?} ({})",
+        run.end
+    );
+    assert!(run.end == "eof" || run.end == "reset", "{}", run.end);
+    assert!(
+        run.elapsed.as_secs_f64() <= wait + 0.1,
+        "reply after {:?}, later than the hold",
+        run.elapsed
+    );
+    let v = agent
+        .verdict_for(run.local_port, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(v["event"], "early_talker", "{v}");
+    assert_eq!(v["action"], taken);
+    assert_eq!(v["end"], "denied");
+    // The MTA side: zero bytes, socket gone in time. A connection destroyed while
+    // still in the accept queue may never be seen by the responder at all.
+    if let Some(s) = resp.wait_closed(run.local_port, Duration::from_secs(3)) {
+        assert!(
+            s.received.is_empty(),
+            "responder got {:?}",
+            String::from_utf8_lossy(&s.received)
+        );
+        let lived = s.closed_at.unwrap() - s.accepted_at;
+        assert!(
+            lived.as_secs_f64() <= wait + 1.0,
+            "MTA socket lived {lived:?} ({})",
+            s.end
+        );
+    } else {
+        assert!(
+            resp.session(run.local_port).is_none(),
+            "responder socket still open: {:?}",
+            resp.session(run.local_port)
+        );
+    }
+    assert!(
+        agent.events("teardown_failed").is_empty(),
+        "{:?}",
+        agent.seen
+    );
+    let _ = lab;
+}
+
+fn deny_case(v6: bool, action: &str, code: &str) {
+    let (lab, resp, mut agent) = setup(&["-a", action, "-w", "1"], Duration::ZERO);
+    let server = SocketAddr::new(lab.server_addr(v6), PORT);
+    let run = bot_run(&lab, server, b"EHLO bot\r\n", false);
+    assert_rejected(&lab, &resp, &mut agent, &run, code, 1.0, action);
+    // A polite client right after is untouched.
+    let seen = join(lab.in_client(move || session(server, &Manner::Polite)))
+        .unwrap()
+        .unwrap();
+    assert!(seen.greeting.starts_with("220 lab.example"));
+    assert!(seen.greeting_after >= Duration::from_secs(1));
+}
+
+#[test]
+fn e01_deny_v4() {
+    deny_case(false, "deny", "554 5.7.1");
+}
+
+#[test]
+fn e02_denysoft_v4() {
+    deny_case(false, "denysoft", "421 4.7.1");
+}
+
+#[test]
+fn e06_deny_v6() {
+    deny_case(true, "deny", "554 5.7.1");
+}
+
+#[test]
+fn e06_denysoft_v6() {
+    deny_case(true, "denysoft", "421 4.7.1");
+}
+
+#[test]
+fn e03_pipelining_bot_delivers_nothing() {
+    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "2"], Duration::ZERO);
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let mut msg =
+        b"EHLO bot\r\nMAIL FROM:<s@spam.example>\r\nRCPT TO:<v@lab.example>\r\nDATA\r\n".to_vec();
+    msg.extend(pattern(20_000, 3).iter().map(|b| b'a' + b % 26));
+    msg.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+    // Sent at once and followed by FIN: the kernel must drop all of it, and the
+    // bot's retransmissions, and the FIN.
+    let run = bot_run(&lab, server, &msg, true);
+    assert_rejected(&lab, &resp, &mut agent, &run, "554 5.7.1", 2.0, "deny");
+    // Give retransmissions time to arrive; still nothing.
+    std::thread::sleep(Duration::from_millis(1500));
+    if let Some(s) = resp.session(run.local_port) {
+        assert!(s.received.is_empty());
+    }
+    agent.stop().unwrap();
+    let stopped = &agent.events("stopped")[0];
+    assert!(stopped["enforced_segments_dropped"].as_u64().unwrap() >= 1);
+    assert_eq!(stopped["action_deny"], 1);
+}
+
+#[test]
+fn e04_defer_reject_keeps_the_verdict_for_the_mta() {
+    for (action, answer) in [("deny", "REJECT"), ("denysoft", "DEFER")] {
+        let policy: SocketAddr = "127.0.0.1:10040".parse().unwrap();
+        let (lab, resp, mut agent) = setup(
+            &[
+                "-a",
+                action,
+                "--defer-reject",
+                "-w",
+                "1",
+                "--policy-listen",
+                "127.0.0.1:10040",
+            ],
+            Duration::ZERO,
+        );
+        let server = SocketAddr::new(lab.server_addr(false), PORT);
+        let bytes = b"EHLO bot\r\nMAIL FROM:<s@spam.example>\r\n".to_vec();
+        let seen = join(lab.in_client({
+            let b = bytes.clone();
+            move || session(server, &Manner::Bot(b))
+        }))
+        .unwrap()
+        .unwrap();
+        // The real greeting, after the hold.
+        assert!(
+            seen.greeting.starts_with("220 lab.example"),
+            "{}",
+            seen.greeting
+        );
+        assert!(seen.greeting_after >= Duration::from_secs(1));
+        let v = agent
+            .verdict_for(seen.local_port, Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v["action"].as_str()),
+            (Some("early_talker"), Some("defer"))
+        );
+        // The bot's bytes reached the MTA unchanged.
+        let s = resp
+            .wait_closed(seen.local_port, Duration::from_secs(5))
+            .unwrap();
+        assert!(
+            s.received.starts_with(&bytes),
+            "{:?}",
+            String::from_utf8_lossy(&s.received)
+        );
+
+        let polite = join(lab.in_client(move || session(server, &Manner::Polite)))
+            .unwrap()
+            .unwrap();
+        // Ask as Postfix would, from the server's namespace (loopback).
+        let (bport, pport) = (seen.local_port.to_string(), polite.local_port.to_string());
+        let answers = join(
+            lab.in_server(move || -> anyhow::Result<(String, String, String)> {
+                let q = |port: &str, state: &str| {
+                    policy_query(
+                        policy,
+                        &[
+                            ("request", "smtpd_access_policy"),
+                            ("protocol_state", state),
+                            ("client_address", CLIENT_V4),
+                            ("client_port", port),
+                            ("sender", "s@spam.example"),
+                            ("recipient", "v@lab.example"),
+                        ],
+                    )
+                };
+                Ok((q(&bport, "RCPT")?, q(&bport, "MAIL")?, q(&pport, "RCPT")?))
+            }),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(answers.0, format!("{answer} {TEXT}"));
+        assert_eq!(answers.1, format!("{answer} {TEXT}"));
+        assert_eq!(answers.2, "DUNNO");
+        agent
+            .wait_for(Duration::from_secs(5), |v| {
+                v["event"] == "policy" && v["state"] == "RCPT"
+            })
+            .unwrap();
+        agent.stop().unwrap();
+        assert_eq!(agent.events("stopped")[0]["action_defer"], 1);
+    }
+}
+
+#[test]
+fn e05_two_hundred_concurrent_under_deny() {
+    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "1"], Duration::ZERO);
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            lab.in_client(move || -> anyhow::Result<(bool, u16, Vec<u8>, String)> {
+                if i % 2 == 0 {
+                    let r = bot_read_all(server, b"EHLO bot\r\nMAIL FROM:<a@b>\r\n", false)?;
+                    Ok((true, r.local_port, r.received, r.end))
+                } else {
+                    let s = session(server, &Manner::Polite)?;
+                    Ok((false, s.local_port, s.greeting.into_bytes(), String::new()))
+                }
+            })
+        })
+        .collect();
+    let mut kinds = HashMap::new();
+    for h in handles {
+        let (is_bot, port, got, end) = join(h).unwrap().unwrap();
+        if is_bot {
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                format!("554 5.7.1 {TEXT}\r\n"),
+                "bot {port} ({end})"
+            );
+        } else {
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                "220 lab.example ESMTP responder\r\n"
+            );
+        }
+        kinds.insert(port, is_bot);
+    }
+    assert_eq!(kinds.len(), 200);
+    // Polite sessions completed byte-exact at the responder; bots delivered nothing.
+    let end = Instant::now() + Duration::from_secs(10);
+    for (port, is_bot) in &kinds {
+        let left = end
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match (is_bot, resp.wait_closed(*port, left)) {
+            (true, Some(s)) => assert!(s.received.is_empty(), "bot {port} delivered bytes"),
+            (true, None) => assert!(resp.session(*port).is_none()),
+            (false, Some(s)) => assert_eq!(s.received, b"EHLO client.example\r\nQUIT\r\n"),
+            (false, None) => panic!("polite session {port} not finished"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && agent.events("early_talker").len() + agent.events("pass").len() < 200
+    {
+        agent.drain_for(Duration::from_millis(200));
+    }
+    agent.stop().unwrap();
+    assert_eq!(agent.events("early_talker").len(), 100);
+    assert_eq!(agent.events("pass").len(), 100);
+    assert!(agent.events("teardown_failed").is_empty());
+}
+
+#[test]
+fn e07_server_that_never_greets() {
+    // The reply does not depend on the MTA's greeting: the bot gets it at once and
+    // the silent MTA's socket is torn down.
+    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "1"], NEVER);
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let run = bot_run(&lab, server, b"EHLO bot\r\n", false);
+    assert_rejected(&lab, &resp, &mut agent, &run, "554 5.7.1", 1.0, "deny");
+    let s = resp
+        .wait_closed(run.local_port, Duration::from_secs(2))
+        .expect("closed");
+    assert!(s.end.starts_with("read"), "{}", s.end);
+}
+
+#[test]
+fn e08_log_mode_is_unchanged_byte_exact() {
+    let (lab, resp, mut agent) = setup(&["-a", "log", "-w", "0.5"], Duration::ZERO);
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let data = b"EHLO bot\r\nMAIL FROM:<a@b>\r\n".to_vec();
+    let seen = join(lab.in_client({
+        let d = data.clone();
+        move || session(server, &Manner::Bot(d))
+    }))
+    .unwrap()
+    .unwrap();
+    assert!(seen.greeting.starts_with("220 lab.example"));
+    let s = resp
+        .wait_closed(seen.local_port, Duration::from_secs(5))
+        .unwrap();
+    let mut expected = data;
+    expected.extend_from_slice(b"EHLO client.example\r\nQUIT\r\n");
+    assert_eq!(s.received, expected);
+    assert_eq!(
+        agent
+            .verdict_for(seen.local_port, Duration::from_secs(5))
+            .unwrap()["action"],
+        "log"
+    );
+}
