@@ -72,6 +72,18 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_loopback)]
     pub policy_listen: Option<std::net::SocketAddr>,
 
+    /// Serve a milter (Postfix smtpd_milters, Sendmail) on this unix socket (mode 0660)
+    #[arg(long, value_name = "PATH")]
+    pub milter_socket: Option<std::path::PathBuf>,
+
+    /// Serve a milter on this TCP address (loopback only)
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_loopback)]
+    pub milter_listen: Option<std::net::SocketAddr>,
+
+    /// Group given the policy and milter unix sockets (e.g. postfix)
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
     /// Size of the connection table in the kernel (LRU; entries live until the greeting)
     #[arg(long, value_name = "N", default_value = "65536",
           value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
@@ -122,6 +134,9 @@ pub struct Settings {
     pub verbose: bool,
     pub policy_socket: Option<std::path::PathBuf>,
     pub policy_listen: Option<std::net::SocketAddr>,
+    pub milter_socket: Option<std::path::PathBuf>,
+    pub milter_listen: Option<std::net::SocketAddr>,
+    pub socket_group: Option<String>,
 }
 
 impl Settings {
@@ -151,6 +166,9 @@ impl Settings {
             verbose: cli.verbose,
             policy_socket: cli.policy_socket,
             policy_listen: cli.policy_listen,
+            milter_socket: cli.milter_socket,
+            milter_listen: cli.milter_listen,
+            socket_group: cli.socket_group,
         })
     }
 

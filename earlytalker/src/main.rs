@@ -6,6 +6,7 @@ mod config;
 mod events;
 mod iface;
 mod loader;
+mod milter;
 mod output;
 mod policy;
 mod shared;
@@ -100,12 +101,26 @@ fn main() -> ExitCode {
     };
     let out = Out::new(settings.log_format);
     let store = Arc::new(Mutex::new(Store::new(settings.max_connections as usize)));
-    if let Err(e) = rt.block_on(policy::start(
-        settings.policy_socket.clone(),
-        settings.policy_listen,
-        store.clone(),
-        out,
-    )) {
+    let services = async {
+        policy::start(
+            settings.policy_socket.clone(),
+            settings.policy_listen,
+            settings.socket_group.clone(),
+            store.clone(),
+            out,
+        )
+        .await?;
+        milter::start(
+            settings.milter_socket.clone(),
+            settings.milter_listen,
+            settings.socket_group.clone(),
+            store.clone(),
+            out,
+        )
+        .await
+    };
+    if let Err(e) = rt.block_on(services) {
+        // The Guard drops on return: nothing stays attached.
         return fail(format!("{e:#}"));
     }
     let ctx = Ctx {
@@ -306,7 +321,7 @@ async fn run(mut guard: Guard, s: Settings, f: Features, mut ctx: Ctx) -> Result
     let mut counters = guard.counters();
     counters.extend(ctx.counts.list());
     out.stopped(&counters);
-    if let Some(p) = &s.policy_socket {
+    for p in [&s.policy_socket, &s.milter_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(p);
     }
     drop(ring);

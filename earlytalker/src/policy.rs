@@ -183,28 +183,46 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// A socket file left by an earlier run would make bind fail; anything that is
+/// not a socket is left alone (bind then reports it).
+pub fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Mode 0660, and the MTA's group when given, so that only it (and root) connect.
+pub fn socket_permissions(path: &std::path::Path, group: Option<&str>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(g) = group {
+        let gid = nix::unistd::Group::from_name(g)
+            .with_context(|| format!("looking up group {g}"))?
+            .with_context(|| format!("no such group: {g}"))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("chgrp {g} {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))
+}
+
 /// Starts the configured listeners; they run until the runtime stops.
 pub async fn start(
     unix: Option<PathBuf>,
     tcp: Option<SocketAddr>,
+    group: Option<String>,
     store: Arc<Mutex<Store>>,
     out: Out,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let peers = Arc::new(Semaphore::new(MAX_PEERS));
     if let Some(path) = unix {
-        // A stale socket from an earlier run would make bind fail.
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_socket()
-        }) {
-            let _ = std::fs::remove_file(&path);
-        }
+        remove_stale_socket(&path);
         let l = UnixListener::bind(&path)
             .with_context(|| format!("policy socket {}", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
-            .with_context(|| format!("chmod 0660 {}", path.display()))?;
+        socket_permissions(&path, group.as_deref())?;
         let (store, out, peers) = (store.clone(), out, peers.clone());
         tokio::spawn(async move {
             loop {

@@ -672,3 +672,248 @@ pub fn run_agent_once(lab: &Lab, args: &[&str]) -> Result<(i32, String, String)>
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+// ---------------------------------------------------------------- postfix
+
+/// A private Postfix instance (Debian's package) in the lab's server namespace:
+/// its own config, queue and log, relaying every message for lab.example to an
+/// smtp-sink that dumps each delivered message to a file.
+pub struct Postfix {
+    pub dir: PathBuf,
+    conf: PathBuf,
+    ns: String,
+    sink: Child,
+}
+
+impl Postfix {
+    /// `restrictions` goes into smtpd_recipient_restrictions, `milters` into
+    /// smtpd_milters (either may be empty).
+    pub fn start(lab: &Lab, restrictions: &str, milters: &str) -> Result<Self> {
+        let dir = PathBuf::from(format!("/tmp/et-postfix-{}", lab.server_ns));
+        let _ = std::fs::remove_dir_all(&dir);
+        let conf = dir.join("conf");
+        for d in ["conf", "queue", "data", "sink"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let d = dir.display();
+        let main_cf = format!(
+            "compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+meta_directory = /etc/postfix
+maillog_file = {d}/maillog
+maillog_file_prefixes = /tmp
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.lab.example
+mydomain = lab.example
+myorigin = lab.example
+inet_interfaces = all
+inet_protocols = all
+mydestination =
+mynetworks = 127.0.0.0/8
+relay_domains = lab.example
+relayhost = [127.0.0.1]:2525
+alias_maps =
+local_recipient_maps =
+smtpd_peername_lookup = no
+smtputf8_enable = no
+biff = no
+smtpd_banner = $myhostname ESMTP
+smtpd_recipient_restrictions = {restrictions} permit_mynetworks, reject_unauth_destination
+smtpd_milters = {milters}
+milter_default_action = accept
+"
+        );
+        std::fs::write(conf.join("main.cf"), main_cf)?;
+        let master_cf = "\
+smtp      inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
+        std::fs::write(conf.join("master.cf"), master_cf)?;
+        // smtp-sink dumps as its -u user; let it write there.
+        run(
+            "chown",
+            &["nobody", &dir.join("sink").display().to_string()],
+        )?;
+        let sink = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.server_ns,
+                "smtp-sink",
+                "-u",
+                "nobody",
+                "-d",
+            ])
+            .arg(format!("{d}/sink/msg."))
+            .args(["127.0.0.1:2525", "64"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting smtp-sink")?;
+        let pf = Postfix {
+            dir: dir.clone(),
+            conf: conf.clone(),
+            ns: lab.server_ns.clone(),
+            sink,
+        };
+        // Postfix insists on owning its data directory (locks, caches).
+        run(
+            "chown",
+            &["postfix", &dir.join("data").display().to_string()],
+        )?;
+        if let Err(e) = pf.postfix(&["start"]) {
+            // Postfix reports to its log, not to a non-tty stderr.
+            bail!("{e}; postfix log: {}", pf.log());
+        }
+        // Bounded wait for smtpd to accept connections.
+        let end = Instant::now() + Duration::from_secs(20);
+        let addr = SocketAddr::new(lab.server_addr(false), 25);
+        loop {
+            let up = join(lab.in_client(move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+            }))
+            .unwrap_or(false);
+            if up {
+                break;
+            }
+            if Instant::now() > end {
+                bail!("postfix did not start listening; log: {}", pf.log());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(pf)
+    }
+
+    fn postfix(&self, args: &[&str]) -> Result<()> {
+        let conf = self.conf.display().to_string();
+        let mut a = vec![
+            "netns",
+            "exec",
+            self.ns.as_str(),
+            "postfix",
+            "-c",
+            conf.as_str(),
+        ];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// Messages the sink has received so far.
+    pub fn delivered(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("sink")) {
+            for e in rd.flatten() {
+                out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    /// Waits (bounded) until `n` messages were delivered.
+    pub fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let d = self.delivered();
+            if d.len() >= n || Instant::now() > end {
+                return d;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = self.postfix(&["stop"]);
+        let _ = self.sink.kill();
+        let _ = self.sink.wait();
+        if std::env::var_os("EARLYTALKER_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// An SMTP reply: its code and all its text lines.
+fn smtp_reply(r: &mut BufReader<TcpStream>) -> Result<(u16, String)> {
+    let mut text = String::new();
+    loop {
+        let l = read_line(r)?;
+        text.push_str(&l);
+        if l.len() < 4 {
+            bail!("short reply line {l:?}");
+        }
+        if l.as_bytes()[3] != b'-' {
+            let code = l[..3].parse().with_context(|| format!("reply {l:?}"))?;
+            return Ok((code, text));
+        }
+    }
+}
+
+/// A whole SMTP transaction. With `early`, the client sends its EHLO before the
+/// greeting (a bot); otherwise it waits (polite). Returns the code of each
+/// reply: greeting, EHLO, MAIL, RCPT, and DATA + end of data when RCPT passed.
+pub fn smtp_transaction(
+    server: SocketAddr,
+    early: bool,
+    from: &str,
+    to: &str,
+) -> Result<(u16, Vec<(u16, String)>)> {
+    let c = connect(server)?;
+    let port = c.local_addr()?.port();
+    let mut w = c.try_clone()?;
+    let mut r = BufReader::new(c);
+    let mut replies = Vec::new();
+    if early {
+        w.write_all(b"EHLO bot.example\r\n")?;
+        replies.push(smtp_reply(&mut r)?);
+    } else {
+        replies.push(smtp_reply(&mut r)?);
+        w.write_all(b"EHLO polite.example\r\n")?;
+    }
+    replies.push(smtp_reply(&mut r)?);
+    for cmd in [
+        format!("MAIL FROM:<{from}>\r\n"),
+        format!("RCPT TO:<{to}>\r\n"),
+    ] {
+        w.write_all(cmd.as_bytes())?;
+        let rep = smtp_reply(&mut r)?;
+        let ok = rep.0 / 100 == 2;
+        replies.push(rep);
+        if !ok {
+            let _ = w.write_all(b"QUIT\r\n");
+            return Ok((port, replies));
+        }
+    }
+    w.write_all(b"DATA\r\n")?;
+    replies.push(smtp_reply(&mut r)?);
+    w.write_all(format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: lab {port}\r\n\r\nhello from port {port}\r\n.\r\n").as_bytes())?;
+    replies.push(smtp_reply(&mut r)?);
+    w.write_all(b"QUIT\r\n")?;
+    let _ = smtp_reply(&mut r);
+    Ok((port, replies))
+}

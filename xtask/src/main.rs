@@ -155,11 +155,24 @@ fn setup() -> Result<()> {
     let major = nightly_llvm_major()?;
     let llvm = format!("/usr/lib/llvm-{major}");
     let mut pkgs: Vec<String> = vec![format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")];
-    // Used by the tests and the demo.
-    pkgs.push("iproute2".into());
+    // Used by the tests and the demo: namespaces, and a real MTA (Postfix with
+    // smtp-sink) and SMTP client (swaks) for the MTA-facing tests.
+    pkgs.extend(["iproute2", "postfix", "swaks"].map(String::from));
     let missing: Vec<String> = pkgs.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !missing.is_empty() {
         if can_install {
+            // "No configuration": Postfix is installed for the tests' private
+            // instances and must not start a system MTA on port 25.
+            let mut preseed = Command::new("debconf-set-selections");
+            preseed.stdin(std::process::Stdio::piped());
+            let mut child = preseed.spawn().context("debconf-set-selections")?;
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .context("debconf stdin")?
+                .write_all(b"postfix postfix/main_mailer_type select No configuration\n")?;
+            child.wait()?;
             status(Command::new("apt-get").args(["update", "-qq"]))?;
             status(
                 Command::new("apt-get")
