@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
@@ -44,6 +44,13 @@ static HANDSHAKES: LruHashMap<ConnKey, Handshake> =
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
+
+#[map(name = "ALLOW")]
+static ALLOW: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
+
+/// Client address -> bpf_ktime_get_ns of its last pass after a real hold.
+#[map(name = "PASSED")]
+static PASSED: LruHashMap<[u8; 16], u64> = LruHashMap::with_max_entries(DEFAULT_MAX_PASSED, 0);
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(S_COUNT, 0);
@@ -290,6 +297,17 @@ fn copy_payload(ctx: &TcContext, seg: &Seg, conn: &mut Conn) {
     }
 }
 
+/// Allowlisted clients are never held, flagged or acted upon. Looked up once per
+/// connection (SYN-ACK, or a SYN carrying data), never per segment.
+#[inline(always)]
+fn allowlisted(addr: &[u8; 16]) -> bool {
+    if ALLOW.get(Key::new(128, *addr)).is_some() {
+        stat(S_ALLOW_HITS);
+        return true;
+    }
+    false
+}
+
 #[inline(always)]
 fn config() -> Config {
     match CONFIG.get(0) {
@@ -335,6 +353,10 @@ fn client_data(
         if cfg.flags & CFG_ENFORCE != 0 {
             conn.flags |= F_DENY;
         }
+        // An address that early-talks loses its pass.
+        if PASSED.get_ptr(key.client_addr).is_some() {
+            let _ = PASSED.remove(key.client_addr);
+        }
         stat(S_EARLY);
         emit(EV_EARLY, 0, key, conn, now_ns);
     }
@@ -378,6 +400,9 @@ fn ingress(ctx: &TcContext) -> i32 {
             if CONNS.get_ptr(key).is_some() {
                 let _ = CONNS.remove(key);
             }
+            return TC_ACT_OK;
+        }
+        if allowlisted(&key.client_addr) {
             return TC_ACT_OK;
         }
         stat(S_SYN_DATA);
@@ -448,6 +473,17 @@ fn ingress(ctx: &TcContext) -> i32 {
     }
     let _ = HANDSHAKES.remove(key);
     let mut conn = new_conn(&cfg, now_ns, hs.client_base, hs.server_isn);
+    if cfg.pass_ttl_ns > 0 {
+        if let Some(t) = PASSED.get_ptr(key.client_addr) {
+            // SAFETY: plain u64 read from a map value.
+            if now_ns.saturating_sub(unsafe { *t }) < cfg.pass_ttl_ns {
+                // Passed recently: greet without delay (still watched for a race).
+                conn.release_ns = now_ns;
+                conn.flags |= F_PASS_CACHED;
+                stat(S_PASS_CACHE_HITS);
+            }
+        }
+    }
     let mut act = TC_ACT_OK;
     if seg.payload_len > 0 {
         act = client_data(ctx, &seg, &key, &mut conn, &cfg, now_ns);
@@ -472,6 +508,10 @@ fn verdict(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64, cfg: &Confi
     if reason == R_GREETING {
         if !early {
             stat(S_PASS);
+            // Only a real hold earns (or renews) a pass, as in postscreen.
+            if cfg.pass_ttl_ns > 0 && conn.flags & F_PASS_CACHED == 0 {
+                let _ = PASSED.insert(key.client_addr, now_ns, 0);
+            }
         }
     } else if early {
         stat(S_CLOSED_EARLY);
@@ -525,6 +565,9 @@ fn egress(ctx: &TcContext) -> i32 {
                 // SAFETY: as in ingress.
                 Some(c) => unsafe { (*c).server_isn = seg.seq },
                 None => {
+                    if allowlisted(&key.client_addr) {
+                        return TC_ACT_OK;
+                    }
                     // Remember the half-open connection.
                     let hs = Handshake {
                         server_isn: seg.seq,

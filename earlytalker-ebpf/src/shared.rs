@@ -12,11 +12,17 @@ pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_HANDSHAKES: &str = "HANDSHAKES";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_STATS: &str = "STATS";
+pub const MAP_ALLOW: &str = "ALLOW";
+pub const MAP_PASSED: &str = "PASSED";
 
 /// Default sizes; the agent may resize CONNS, HANDSHAKES and EVENTS at load time.
 pub const DEFAULT_MAX_CONNS: u32 = 65_536;
 pub const DEFAULT_MAX_HANDSHAKES: u32 = 65_536;
 pub const DEFAULT_EVENTS_BYTES: u32 = 1 << 20;
+/// Allowlist prefixes (an LPM trie allocates per entry, so the bound costs nothing).
+pub const MAX_ALLOW: u32 = 65_536;
+/// Pass cache: client addresses that passed recently (LRU).
+pub const DEFAULT_MAX_PASSED: u32 = 131_072;
 
 /// PORTS is a 65,536-bit bitmap in u64 words: one array lookup per packet.
 pub const PORT_WORDS: u32 = 1024;
@@ -75,6 +81,9 @@ pub const F_DENY: u32 = 1 << 4;
 /// (defer-reject needs to know how long the verdict matters).
 pub const F_GREETED: u32 = 1 << 5;
 
+/// Not held: the client's address passed recently (pass cache).
+pub const F_PASS_CACHED: u32 = 1 << 6;
+
 /// skb->mark of the agent's own reply segments, which egress lets through.
 pub const REPLY_MARK: u32 = 0x6574_616c; // "etal"
 
@@ -96,6 +105,8 @@ pub struct Config {
     /// How long the greeting is held after the handshake; 0 = no hold.
     pub wait_ns: u64,
     pub flags: u64,
+    /// A client address that passed is not held again for this long; 0 = off.
+    pub pass_ttl_ns: u64,
 }
 
 /// Config.flags: drop early talkers' bytes and their greeting (deny, denysoft).
@@ -140,7 +151,9 @@ pub const S_HANDSHAKES: u32 = 6;
 pub const S_SYN_DATA: u32 = 7;
 pub const S_CLOSED_EARLY: u32 = 8;
 pub const S_DENY_DROPS: u32 = 9;
-pub const S_COUNT: u32 = 10;
+pub const S_ALLOW_HITS: u32 = 10;
+pub const S_PASS_CACHE_HITS: u32 = 11;
+pub const S_COUNT: u32 = 12;
 
 /// Names for the counters, indexed like STATS.
 pub const STAT_NAMES: [&str; S_COUNT as usize] = [
@@ -154,4 +167,6 @@ pub const STAT_NAMES: [&str; S_COUNT as usize] = [
     "syn_data",
     "closed_before_greeting",
     "enforced_segments_dropped",
+    "allowlist_hits",
+    "pass_cache_hits",
 ];

@@ -74,6 +74,21 @@ impl Enforcer {
         })
     }
 
+    /// Whether this kernel can destroy sockets (CONFIG_INET_DIAG_DESTROY): a
+    /// destroy of a socket that cannot exist (port 0 both ends) answers ENOENT
+    /// when supported and EOPNOTSUPP when not.
+    pub fn probe_destroy(&mut self) -> Result<()> {
+        let unspec: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+        match self.exchange(true, request(&socket_id(unspec, unspec))) {
+            Ok(_) => Ok(()),
+            Err(e) => match e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) {
+                Some(2) => Ok(()),
+                Some(95) => bail!("this kernel cannot tear down sockets (SOCK_DESTROY needs CONFIG_INET_DIAG_DESTROY); use --action log or --defer-reject"),
+                _ => Err(e).context("probing SOCK_DESTROY"),
+            },
+        }
+    }
+
     /// Replies to the client and tears down the MTA's socket.
     pub fn deny(&mut self, key: &ConnKey, conn: &Conn, action: Action) -> Outcome {
         let client = client_of(key);

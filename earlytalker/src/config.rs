@@ -1,10 +1,23 @@
-//! Command line and the settings derived from it. Pure: no I/O, unit-tested.
+//! Command line, configuration file, and the settings derived from both. Flags
+//! override the file; both go through the same validation. Pure: unit-tested.
 
-use clap::{Parser, ValueEnum};
-use std::{fmt, time::Duration};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/earlytalker/control.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/earlytalker";
 
 /// What to do with an early talker (qpsmtpd's `check_earlytalker` semantics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     /// 554 5.7.1 instead of the greeting, then disconnect.
     Deny,
@@ -24,7 +37,8 @@ impl fmt::Display for Action {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One line per verdict for people, modelled on postscreen's.
     Text,
@@ -35,8 +49,37 @@ pub enum LogFormat {
 /// Catch SMTP clients that talk before the server's greeting, in the kernel,
 /// in front of any unmodified MTA.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "earlytalker", version, about, long_about = None)]
+#[command(name = "earlytalker", version, about, long_about = None,
+          args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Show the running agent's counters, configuration and recent verdicts
+    Status {
+        /// Print the agent's answer as JSON
+        #[arg(long)]
+        json: bool,
+        /// The agent's control socket
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
+    /// Write the man page and shell completions into DIR (for packaging)
+    #[command(hide = true)]
+    Generate { dir: PathBuf },
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// Configuration file (TOML); flags override it, SIGHUP reloads it
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
     /// Interface to watch (repeatable) [default: the interface of the default route]
     #[arg(short, long = "iface", value_name = "IFACE")]
     pub iface: Vec<String>,
@@ -46,64 +89,103 @@ pub struct Cli {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Vec<u16>,
 
-    /// Seconds to hold the greeting after the handshake; decimals allowed, 0 = no hold
-    #[arg(short, long, value_name = "SECONDS", default_value = "1",
-          value_parser = parse_wait, allow_negative_numbers = true)]
-    pub wait: Duration,
+    /// Seconds to hold the greeting after the handshake; decimals allowed, 0 = no hold [default: 1]
+    #[arg(short, long, value_name = "SECONDS", value_parser = parse_wait,
+          allow_negative_numbers = true)]
+    pub wait: Option<Duration>,
 
-    /// What to do with an early talker
-    #[arg(short, long, value_enum, default_value_t = Action::Denysoft)]
-    pub action: Action,
+    /// What to do with an early talker [default: denysoft]
+    #[arg(short, long, value_enum)]
+    pub action: Option<Action>,
 
     /// Greet early talkers as usual; the MTA refuses their MAIL/RCPT with the
-    /// deny/denysoft code
+    /// deny/denysoft code (ask through --policy-* or --milter-*)
     #[arg(long)]
     pub defer_reject: bool,
 
-    /// Format of the verdict lines on stdout
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Format of the verdict lines on stdout [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Never hold, flag or act on clients in this network (CIDR or address; repeatable;
+    /// added to the file's list)
+    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    pub allow: Vec<IpNet>,
+
+    /// A client address that passed is not held again for this long (e.g. 1d, 12h, 0 = off) [default: 1d]
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub pass_ttl: Option<Duration>,
+
+    /// Where the pass cache is saved across restarts [default: /var/lib/earlytalker]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Serve Postfix's policy delegation protocol on this unix socket (mode 0660)
     #[arg(long, value_name = "PATH")]
-    pub policy_socket: Option<std::path::PathBuf>,
+    pub policy_socket: Option<PathBuf>,
 
     /// Serve Postfix's policy delegation protocol on this TCP address (loopback only)
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_loopback)]
-    pub policy_listen: Option<std::net::SocketAddr>,
+    pub policy_listen: Option<SocketAddr>,
 
     /// Serve a milter (Postfix smtpd_milters, Sendmail) on this unix socket (mode 0660)
     #[arg(long, value_name = "PATH")]
-    pub milter_socket: Option<std::path::PathBuf>,
+    pub milter_socket: Option<PathBuf>,
 
     /// Serve a milter on this TCP address (loopback only)
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_loopback)]
-    pub milter_listen: Option<std::net::SocketAddr>,
+    pub milter_listen: Option<SocketAddr>,
 
     /// Group given the policy and milter unix sockets (e.g. postfix)
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
 
-    /// Size of the connection table in the kernel (LRU; entries live until the greeting)
-    #[arg(long, value_name = "N", default_value = "65536",
-          value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
-    pub max_connections: u32,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9125)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Control socket for `earlytalker status` (mode 0600) [default: /run/earlytalker/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Size of the kernel's connection table (LRU; entries live until the greeting) [default: 65536]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+    pub max_connections: Option<u32>,
 
     /// More diagnostics on stderr, including the kernel programs' debug messages
     #[arg(short, long)]
     pub verbose: bool,
 }
 
-/// Parses a TCP listen address and insists on loopback: the policy answers must
-/// not be offered to the network.
-pub fn parse_loopback(s: &str) -> Result<std::net::SocketAddr, String> {
-    let a: std::net::SocketAddr = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not an ADDR:PORT (e.g. 127.0.0.1:10040)"))?;
-    if !a.ip().is_loopback() {
-        return Err(format!("'{s}' is not a loopback address"));
-    }
-    Ok(a)
+/// The configuration file: every flag, by the same name with underscores.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub interfaces: Option<Vec<String>>,
+    pub ports: Option<Vec<i64>>,
+    pub wait: Option<f64>,
+    pub action: Option<Action>,
+    pub defer_reject: Option<bool>,
+    pub log_format: Option<LogFormat>,
+    pub allow: Option<Vec<String>>,
+    pub pass_ttl: Option<TtlValue>,
+    pub state_dir: Option<PathBuf>,
+    pub policy_socket: Option<PathBuf>,
+    pub policy_listen: Option<String>,
+    pub milter_socket: Option<PathBuf>,
+    pub milter_listen: Option<String>,
+    pub socket_group: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub control_socket: Option<PathBuf>,
+    pub max_connections: Option<i64>,
+}
+
+/// `pass_ttl = "1d"` or `pass_ttl = 86400` (seconds).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum TtlValue {
+    Seconds(u64),
+    Text(String),
 }
 
 /// Parses `--wait`: a non-negative decimal number of seconds.
@@ -112,64 +194,254 @@ pub fn parse_wait(s: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    wait_secs(v).map_err(|e| format!("'{s}' {e}"))
+}
+
+fn wait_secs(v: f64) -> Result<Duration, String> {
     if !v.is_finite() || v < 0.0 {
-        return Err(format!("'{s}' must be a number of seconds >= 0"));
+        return Err("must be a number of seconds >= 0".into());
     }
     if v > 3600.0 {
-        return Err(format!("'{s}' seconds is absurdly long"));
+        return Err("seconds is absurdly long".into());
     }
     Ok(Duration::from_secs_f64(v))
 }
 
-/// Settings in force, after defaults and validation.
+/// A pass-cache lifetime: "1d", "12h", "90m", "0".
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let d = humantime::parse_duration(t)
+        .map_err(|e| format!("'{s}' is not a duration like 1d or 12h ({e})"))?;
+    if d > Duration::from_secs(365 * 86_400) {
+        return Err(format!("'{s}' is longer than a year"));
+    }
+    Ok(d)
+}
+
+/// A network: CIDR, or a bare address meaning just that host.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    t.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("'{s}' is not a CIDR network (e.g. 192.0.2.0/24, 2001:db8::/32)"))
+}
+
+/// Parses a TCP listen address and insists on loopback: the policy and milter
+/// answers must not be offered to the network.
+pub fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not an ADDR:PORT (e.g. 127.0.0.1:10040)"))?;
+    if !a.ip().is_loopback() {
+        return Err(format!("'{s}' is not a loopback address"));
+    }
+    Ok(a)
+}
+
+/// Reads and parses a configuration file; errors name the file and the problem.
+pub fn load_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.to_string();
+        // toml's message spans lines (with a source excerpt); keep what names the problem.
+        let first = msg.lines().last().unwrap_or("").trim();
+        let line = e
+            .span()
+            .map(|s| {
+                text.as_bytes()[..s.start.min(text.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1
+            })
+            .unwrap_or(0);
+        anyhow::anyhow!("config {} line {line}: {first}", path.display())
+    })
+}
+
+/// Settings in force, after file, flags, defaults and validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    pub config: Option<PathBuf>,
     pub ifaces: Vec<String>,
     pub ports: Vec<u16>,
     pub wait: Duration,
     pub action: Action,
     pub defer_reject: bool,
     pub log_format: LogFormat,
+    pub allow: Vec<IpNet>,
+    pub pass_ttl: Duration,
+    pub state_dir: PathBuf,
     pub max_connections: u32,
     pub verbose: bool,
-    pub policy_socket: Option<std::path::PathBuf>,
-    pub policy_listen: Option<std::net::SocketAddr>,
-    pub milter_socket: Option<std::path::PathBuf>,
-    pub milter_listen: Option<std::net::SocketAddr>,
+    pub policy_socket: Option<PathBuf>,
+    pub policy_listen: Option<SocketAddr>,
+    pub milter_socket: Option<PathBuf>,
+    pub milter_listen: Option<SocketAddr>,
     pub socket_group: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub control_socket: PathBuf,
+}
+
+fn file_err(path: &Option<PathBuf>, what: &str, e: impl fmt::Display) -> anyhow::Error {
+    let p = path.as_deref().map(Path::display);
+    match p {
+        Some(p) => anyhow::anyhow!("config {p}: {what}: {e}"),
+        None => anyhow::anyhow!("{what}: {e}"),
+    }
 }
 
 impl Settings {
-    /// Applies defaults; `default_iface` is asked only when no `--iface` was given.
-    pub fn from_cli(
-        cli: Cli,
-        default_iface: impl FnOnce() -> anyhow::Result<String>,
-    ) -> anyhow::Result<Self> {
-        let mut ifaces = cli.iface;
+    /// Merges flags over the file; `default_iface` is asked only when neither
+    /// names an interface.
+    pub fn build(
+        cli: &RunArgs,
+        file: Option<FileConfig>,
+        default_iface: impl FnOnce() -> Result<String>,
+    ) -> Result<Self> {
+        let f = file.unwrap_or_default();
+        let path = cli.config.clone();
+        let fe = |what: &str, e: &dyn fmt::Display| file_err(&path, what, e);
+
+        let mut ifaces = if cli.iface.is_empty() {
+            f.interfaces.unwrap_or_default()
+        } else {
+            cli.iface.clone()
+        };
         if ifaces.is_empty() {
             ifaces.push(default_iface()?);
         }
         dedup(&mut ifaces);
-        let mut ports = cli.port;
+
+        let mut ports: Vec<u16> = if cli.port.is_empty() {
+            let mut v = Vec::new();
+            for p in f.ports.unwrap_or_else(|| vec![25]) {
+                match u16::try_from(p) {
+                    Ok(p) if p > 0 => v.push(p),
+                    _ => return Err(fe("ports", &format!("{p} is not a TCP port (1-65535)"))),
+                }
+            }
+            v
+        } else {
+            cli.port.clone()
+        };
         if ports.is_empty() {
-            ports.push(25);
+            return Err(fe("ports", &"the list is empty"));
         }
         dedup(&mut ports);
+
+        let wait = match (cli.wait, f.wait) {
+            (Some(w), _) => w,
+            (None, Some(w)) => wait_secs(w).map_err(|e| fe("wait", &format!("{w} {e}")))?,
+            (None, None) => Duration::from_secs(1),
+        };
+
+        let mut allow = Vec::new();
+        for a in f.allow.unwrap_or_default() {
+            allow.push(parse_net(&a).map_err(|e| fe("allow", &e))?);
+        }
+        allow.extend(cli.allow.iter().copied());
+        dedup(&mut allow);
+        if allow.len() > crate::shared::MAX_ALLOW as usize {
+            return Err(fe(
+                "allow",
+                &format!("more than {} networks", crate::shared::MAX_ALLOW),
+            ));
+        }
+
+        let pass_ttl = match (cli.pass_ttl, f.pass_ttl) {
+            (Some(t), _) => t,
+            (None, Some(TtlValue::Seconds(s))) => Duration::from_secs(s.min(365 * 86_400)),
+            (None, Some(TtlValue::Text(t))) => parse_ttl(&t).map_err(|e| fe("pass_ttl", &e))?,
+            (None, None) => Duration::from_secs(86_400),
+        };
+
+        let listen = |flag: Option<SocketAddr>,
+                      file: Option<String>,
+                      what: &str|
+         -> Result<Option<SocketAddr>> {
+            match (flag, file) {
+                (Some(a), _) => Ok(Some(a)),
+                (None, Some(s)) => parse_loopback(&s).map(Some).map_err(|e| fe(what, &e)),
+                (None, None) => Ok(None),
+            }
+        };
+        let policy_listen = listen(cli.policy_listen, f.policy_listen, "policy_listen")?;
+        let milter_listen = listen(cli.milter_listen, f.milter_listen, "milter_listen")?;
+        let metrics_listen = match (cli.metrics_listen, f.metrics_listen) {
+            (Some(a), _) => Some(a),
+            (None, Some(s)) => Some(
+                s.parse()
+                    .map_err(|_| fe("metrics_listen", &format!("'{s}' is not an ADDR:PORT")))?,
+            ),
+            (None, None) => None,
+        };
+        let max_connections = match (cli.max_connections, f.max_connections) {
+            (Some(n), _) => n,
+            (None, Some(n)) => u32::try_from(n)
+                .ok()
+                .filter(|n| (64..=16_777_216).contains(n))
+                .ok_or_else(|| fe("max_connections", &format!("{n} is not in 64..=16777216")))?,
+            (None, None) => crate::shared::DEFAULT_MAX_CONNS,
+        };
+
         Ok(Settings {
+            config: cli.config.clone(),
             ifaces,
             ports,
-            wait: cli.wait,
-            action: cli.action,
-            defer_reject: cli.defer_reject,
-            log_format: cli.log_format,
-            max_connections: cli.max_connections,
+            wait,
+            action: cli.action.or(f.action).unwrap_or(Action::Denysoft),
+            defer_reject: cli.defer_reject || f.defer_reject.unwrap_or(false),
+            log_format: cli.log_format.or(f.log_format).unwrap_or(LogFormat::Text),
+            allow,
+            pass_ttl,
+            state_dir: cli
+                .state_dir
+                .clone()
+                .or(f.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            max_connections,
             verbose: cli.verbose,
-            policy_socket: cli.policy_socket,
-            policy_listen: cli.policy_listen,
-            milter_socket: cli.milter_socket,
-            milter_listen: cli.milter_listen,
-            socket_group: cli.socket_group,
+            policy_socket: cli.policy_socket.clone().or(f.policy_socket),
+            policy_listen,
+            milter_socket: cli.milter_socket.clone().or(f.milter_socket),
+            milter_listen,
+            socket_group: cli.socket_group.clone().or(f.socket_group),
+            metrics_listen,
+            control_socket: cli
+                .control_socket
+                .clone()
+                .or(f.control_socket)
+                .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
         })
+    }
+
+    /// Loads the file named by `--config` (if any) and merges.
+    pub fn load(cli: &RunArgs, default_iface: impl FnOnce() -> Result<String>) -> Result<Self> {
+        let file = match &cli.config {
+            Some(p) => Some(load_file(p)?),
+            None => None,
+        };
+        Self::build(cli, file, default_iface)
+    }
+
+    /// Refuses a wait the greeting-hold technique cannot deliver on this kernel.
+    pub fn check_wait(&self, max: Duration, why: &str) -> Result<()> {
+        if self.wait > max {
+            bail!(
+                "--wait {} exceeds the {:.1} s this kernel can hold a greeting ({why})",
+                secs(self.wait),
+                max.as_secs_f64()
+            );
+        }
+        Ok(())
     }
 
     /// The kernel drops early talkers' bytes and their greeting.
@@ -187,16 +459,42 @@ impl Settings {
         }
     }
 
-    /// Refuses a wait the greeting-hold technique cannot deliver on this kernel.
-    pub fn check_wait(&self, max: Duration, why: &str) -> anyhow::Result<()> {
-        if self.wait > max {
-            anyhow::bail!(
-                "--wait {} exceeds the {:.1} s this kernel can hold a greeting ({why})",
-                secs(self.wait),
-                max.as_secs_f64()
-            );
+    /// Settings a SIGHUP cannot change (they are bound at start-up), by name.
+    pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.ifaces != new.ifaces {
+            v.push("interfaces");
         }
-        Ok(())
+        if self.log_format != new.log_format {
+            v.push("log_format");
+        }
+        if self.max_connections != new.max_connections {
+            v.push("max_connections");
+        }
+        if self.state_dir != new.state_dir {
+            v.push("state_dir");
+        }
+        if (
+            &self.policy_socket,
+            self.policy_listen,
+            &self.milter_socket,
+            self.milter_listen,
+        ) != (
+            &new.policy_socket,
+            new.policy_listen,
+            &new.milter_socket,
+            new.milter_listen,
+        ) || self.socket_group != new.socket_group
+        {
+            v.push("policy/milter sockets");
+        }
+        if self.metrics_listen != new.metrics_listen {
+            v.push("metrics_listen");
+        }
+        if self.control_socket != new.control_socket {
+            v.push("control_socket");
+        }
+        v
     }
 }
 
@@ -232,28 +530,33 @@ mod tests {
         Cli::try_parse_from(std::iter::once("earlytalker").chain(args.iter().copied()))
     }
 
-    fn settings(args: &[&str]) -> anyhow::Result<Settings> {
-        Settings::from_cli(parse(args)?, || Ok("eth9".into()))
+    fn settings(args: &[&str]) -> Result<Settings> {
+        Settings::build(&parse(args)?.run, None, || Ok("eth9".into()))
+    }
+
+    fn with_file(args: &[&str], toml_text: &str) -> Result<Settings> {
+        let file: FileConfig = toml::from_str(toml_text)?;
+        let mut cli = parse(args)?.run;
+        cli.config = Some("/etc/earlytalker/earlytalker.toml".into());
+        Settings::build(&cli, Some(file), || Ok("eth9".into()))
     }
 
     #[test]
-    fn defaults_follow_qpsmtpd() {
-        let c = parse(&[]).unwrap();
-        assert_eq!(c.wait, Duration::from_secs(1));
-        assert_eq!(c.action, Action::Denysoft);
-        assert!(!c.defer_reject);
-        assert_eq!(c.log_format, LogFormat::Text);
-    }
-
-    #[test]
-    fn log_settings_fill_defaults() {
-        let s = settings(&["-a", "log"]).unwrap();
+    fn defaults_follow_qpsmtpd_and_postscreen() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.wait, Duration::from_secs(1));
+        assert_eq!(s.action, Action::Denysoft);
+        assert!(!s.defer_reject);
+        assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.ifaces, vec!["eth9"]);
         assert_eq!(s.ports, vec![25]);
-        let s = settings(&[
-            "-a", "log", "-i", "a", "-i", "b", "-i", "a", "-p", "25", "-p", "587",
-        ])
-        .unwrap();
+        assert_eq!(s.pass_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+    }
+
+    #[test]
+    fn repeatable_flags_dedup() {
+        let s = settings(&["-i", "a", "-i", "b", "-i", "a", "-p", "25", "-p", "587"]).unwrap();
         assert_eq!(s.ifaces, vec!["a", "b"]);
         assert_eq!(s.ports, vec![25, 587]);
     }
@@ -286,13 +589,13 @@ mod tests {
         assert_eq!(parse_wait("0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_wait("0").unwrap(), Duration::ZERO);
         assert_eq!(
-            parse(&["--wait", "2.25"]).unwrap().wait,
+            settings(&["--wait", "2.25"]).unwrap().wait,
             Duration::from_millis(2250)
         );
     }
 
     #[test]
-    fn bad_values_are_rejected() {
+    fn bad_flags_are_rejected() {
         for args in [
             &["--wait", "-1"][..],
             &["--wait", "abc"],
@@ -303,6 +606,9 @@ mod tests {
             &["--port", "x"],
             &["--action", "maybe"],
             &["--log-format", "xml"],
+            &["--allow", "10.0.0.0/33"],
+            &["--allow", "example.com"],
+            &["--pass-ttl", "forever"],
             &["--nosuch"],
         ] {
             assert!(parse(args).is_err(), "{args:?} accepted");
@@ -310,14 +616,149 @@ mod tests {
     }
 
     #[test]
+    fn allow_and_ttl_values() {
+        let s = settings(&[
+            "--allow",
+            "192.0.2.7/24",
+            "--allow",
+            "2001:db8::1",
+            "--pass-ttl",
+            "12h",
+        ])
+        .unwrap();
+        assert_eq!(s.allow[0].to_string(), "192.0.2.0/24");
+        assert_eq!(s.allow[1].to_string(), "2001:db8::1/128");
+        assert_eq!(s.pass_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(parse_ttl("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_ttl("1d").unwrap(), Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn file_covers_flags_and_flags_override() {
+        let toml_text = r#"
+            interfaces = ["eth0", "eth1"]
+            ports = [25, 587]
+            wait = 2.5
+            action = "deny"
+            defer_reject = true
+            log_format = "json"
+            allow = ["198.51.100.0/24"]
+            pass_ttl = "6h"
+            state_dir = "/srv/et"
+            policy_socket = "/run/et/policy"
+            policy_listen = "127.0.0.1:10040"
+            milter_socket = "/run/et/milter"
+            milter_listen = "[::1]:10041"
+            socket_group = "postfix"
+            metrics_listen = "0.0.0.0:9125"
+            control_socket = "/run/et/control"
+            max_connections = 1024
+        "#;
+        let s = with_file(&[], toml_text).unwrap();
+        assert_eq!(s.ifaces, vec!["eth0", "eth1"]);
+        assert_eq!(s.ports, vec![25, 587]);
+        assert_eq!(s.wait, Duration::from_millis(2500));
+        assert_eq!(s.taken(), "defer");
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.allow.len(), 1);
+        assert_eq!(s.pass_ttl, Duration::from_secs(6 * 3600));
+        assert_eq!(s.state_dir, PathBuf::from("/srv/et"));
+        assert_eq!(s.milter_listen, Some("[::1]:10041".parse().unwrap()));
+        assert_eq!(s.metrics_listen, Some("0.0.0.0:9125".parse().unwrap()));
+        assert_eq!(s.max_connections, 1024);
+        let s = with_file(
+            &[
+                "-w",
+                "0.5",
+                "-a",
+                "log",
+                "-i",
+                "lo",
+                "--allow",
+                "10.0.0.0/8",
+            ],
+            toml_text,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.wait, s.action),
+            (Duration::from_millis(500), Action::Log)
+        );
+        assert_eq!(s.ifaces, vec!["lo"]);
+        // --allow adds to the file's list.
+        assert_eq!(s.allow.len(), 2);
+    }
+
+    #[test]
+    fn bad_file_values_are_clear_errors() {
+        for (text, needle) in [
+            ("ports = [0]", "ports: 0 is not a TCP port"),
+            ("ports = [70000]", "ports: 70000 is not a TCP port"),
+            ("ports = []", "ports: the list is empty"),
+            ("wait = -1.0", "wait: -1"),
+            (
+                "allow = [\"10.0.0.0/33\"]",
+                "allow: '10.0.0.0/33' is not a CIDR",
+            ),
+            ("pass_ttl = \"soon\"", "pass_ttl: 'soon' is not a duration"),
+            (
+                "policy_listen = \"0.0.0.0:1\"",
+                "policy_listen: '0.0.0.0:1' is not a loopback",
+            ),
+            ("max_connections = 5", "max_connections: 5 is not in"),
+            (
+                "metrics_listen = \"nope\"",
+                "metrics_listen: 'nope' is not an ADDR:PORT",
+            ),
+        ] {
+            let e = with_file(&[], text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+            assert!(
+                e.starts_with("config /etc/earlytalker/earlytalker.toml: "),
+                "{e}"
+            );
+        }
+        // Unknown keys and wrong types are refused by the parser, with the line.
+        let dir = std::env::temp_dir().join(format!("et-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, needle) in [
+            (
+                "wait = 1\nactoin = \"deny\"\n",
+                "line 2: unknown field `actoin`",
+            ),
+            ("action = \"maybe\"\n", "line 1: unknown variant `maybe`"),
+            ("wait = \"x\"\n", "line 1: invalid type"),
+        ] {
+            let p = dir.join("bad.toml");
+            std::fs::write(&p, text).unwrap();
+            let e = load_file(&p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reload_names_what_needs_a_restart() {
+        let a = settings(&[]).unwrap();
+        let mut b = a.clone();
+        b.wait = Duration::ZERO;
+        b.action = Action::Deny;
+        assert!(a.restart_only_changes(&b).is_empty());
+        b.ifaces = vec!["other".into()];
+        b.log_format = LogFormat::Json;
+        assert_eq!(a.restart_only_changes(&b), vec!["interfaces", "log_format"]);
+    }
+
+    #[test]
     fn max_wait_follows_tcp_retries2() {
         assert_eq!(max_wait_for_retries(15), Duration::from_millis(6500));
         assert_eq!(max_wait_for_retries(8), Duration::from_secs(3));
         assert_eq!(max_wait_for_retries(1), Duration::ZERO);
-        let s = settings(&["-a", "log", "-w", "60"]).unwrap();
+        let s = settings(&["-w", "60"]).unwrap();
         let e = s.check_wait(max_wait_for_retries(15), "x").unwrap_err();
         assert!(e.to_string().contains("--wait 60 exceeds the 6.5 s"), "{e}");
-        settings(&["-a", "log", "-w", "6.5"])
+        settings(&["-w", "6.5"])
             .unwrap()
             .check_wait(max_wait_for_retries(15), "x")
             .unwrap();

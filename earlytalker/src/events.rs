@@ -162,6 +162,11 @@ impl Tracker {
         }
     }
 
+    /// What is logged as done to early talkers from now on (after a reload).
+    pub fn set_action(&mut self, action: &'static str) {
+        self.action = action;
+    }
+
     /// Handles one kernel record; returns the verdict to log, if any.
     pub fn on_event(&mut self, ev: &Event) -> Option<Verdict> {
         match ev.kind {

@@ -4,12 +4,15 @@
 
 use crate::config::{max_wait_for_retries, Settings};
 use crate::shared::{
-    Config, Conn, ConnKey, CFG_ENFORCE, CFG_TRACK_EARLY, MAP_CONFIG, MAP_CONNS, MAP_EVENTS,
-    MAP_PORTS, MAP_STATS, PORT_WORDS, STAT_NAMES, S_COUNT,
+    Config, Conn, ConnKey, CFG_ENFORCE, CFG_TRACK_EARLY, MAP_ALLOW, MAP_CONFIG, MAP_CONNS,
+    MAP_EVENTS, MAP_PASSED, MAP_PORTS, MAP_STATS, PORT_WORDS, STAT_NAMES, S_COUNT,
 };
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
+    },
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
         LinkOrder, SchedClassifier, TcAttachType,
@@ -17,7 +20,9 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
+use ipnet::IpNet;
 use std::time::Duration;
+use std::{collections::HashSet, net::IpAddr};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/earlytalker.bpf.o"));
 
@@ -28,6 +33,8 @@ pub struct Features {
     pub kernel: String,
     pub max_wait: Duration,
     pub tcp_retries2: u32,
+    /// /sys/kernel/btf/vmlinux is present (not needed by the programs; reported).
+    pub btf: bool,
 }
 
 /// Checks privilege and kernel features; every failure is one clear line.
@@ -52,6 +59,7 @@ pub fn detect() -> Result<Features> {
         kernel: kv.to_string(),
         max_wait: max_wait_for_retries(tcp_retries2),
         tcp_retries2,
+        btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
     })
 }
 
@@ -81,6 +89,26 @@ pub fn config_for(s: &Settings) -> Config {
     Config {
         wait_ns: u64::try_from(s.wait.as_nanos()).unwrap_or(u64::MAX),
         flags,
+        pass_ttl_ns: u64::try_from(s.pass_ttl.as_nanos()).unwrap_or(u64::MAX),
+    }
+}
+
+/// Address as the kernel keys it: IPv4 mapped into IPv6.
+pub fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// An allowlist network as an LPM trie key (IPv4 prefixes shift by 96 bits).
+pub fn allow_key(net: &IpNet) -> (u32, [u8; 16]) {
+    match net {
+        IpNet::V4(n) => (
+            u32::from(n.prefix_len()) + 96,
+            mapped(IpAddr::V4(n.network())),
+        ),
+        IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
     }
 }
 
@@ -125,7 +153,76 @@ impl Guard {
         for (i, w) in ports_bitmap(&s.ports).into_iter().enumerate() {
             ports.set(i as u32, w, 0).context("writing PORTS")?;
         }
+        self.sync_allow(&s.allow)
+    }
+
+    /// Makes ALLOW hold exactly `nets`: adds first, then removes, so an entry kept
+    /// across a reload is never briefly missing.
+    fn sync_allow(&mut self, nets: &[IpNet]) -> Result<()> {
+        let mut trie: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(self.ebpf.map_mut(MAP_ALLOW).context("ALLOW map missing")?)?;
+        let want: HashSet<(u32, [u8; 16])> = nets.iter().map(allow_key).collect();
+        let have: HashSet<(u32, [u8; 16])> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
+        for (len, data) in want.difference(&have) {
+            trie.insert(&Key::new(*len, *data), 1, 0)
+                .context("writing the allowlist")?;
+        }
+        for (len, data) in have.difference(&want) {
+            trie.remove(&Key::new(*len, *data))
+                .context("pruning the allowlist")?;
+        }
         Ok(())
+    }
+
+    /// Pass-cache entries: address and bpf_ktime_get_ns of its pass.
+    pub fn passed(&self) -> Vec<([u8; 16], u64)> {
+        let Some(map) = self.ebpf.map(MAP_PASSED) else {
+            return Vec::new();
+        };
+        let Ok(m) = HashMap::<_, [u8; 16], u64>::try_from(map) else {
+            return Vec::new();
+        };
+        m.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn restore_passed(&mut self, entries: &[([u8; 16], u64)]) -> Result<usize> {
+        let mut m: HashMap<_, [u8; 16], u64> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_PASSED)
+                .context("PASSED map missing")?,
+        )?;
+        let mut n = 0;
+        for (k, t) in entries {
+            if m.insert(k, t, 0).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Tracked connections and how many of them have a greeting held right now.
+    pub fn conn_fill(&self, now_ns: u64) -> (u64, u64) {
+        let Some(map) = self.ebpf.map(MAP_CONNS) else {
+            return (0, 0);
+        };
+        let Ok(m) = HashMap::<_, ConnKey, Conn>::try_from(map) else {
+            return (0, 0);
+        };
+        let (mut n, mut held) = (0, 0);
+        for (_, c) in m.iter().filter_map(Result::ok) {
+            n += 1;
+            if c.flags & crate::shared::F_GREETED == 0
+                && c.flags & crate::shared::F_DENY == 0
+                && now_ns < c.release_ns
+            {
+                held += 1;
+            }
+        }
+        (n, held)
     }
 
     fn attach(&mut self, s: &Settings) -> Result<()> {

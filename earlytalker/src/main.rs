@@ -6,24 +6,28 @@ mod config;
 mod events;
 mod iface;
 mod loader;
+mod metrics;
 mod milter;
 mod output;
+mod passcache;
 mod policy;
 mod shared;
+mod status;
 mod store;
 
 use actions::Enforcer;
 use anyhow::{Context, Result};
-use clap::{error::ErrorKind, Parser};
-use config::{Cli, Settings};
+use clap::{error::ErrorKind, CommandFactory, Parser};
+use config::{Cli, Command, RunArgs, Settings};
 use events::{client_of, server_of, End, Kind, Tracker};
 use loader::{Features, Guard};
 use output::Out;
 use shared::{Event, EV_CLOSED, EV_EARLY, F_DENY};
 use std::{
+    net::{IpAddr, Ipv6Addr},
     process::ExitCode,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 use store::Store;
 use tokio::{
@@ -34,6 +38,8 @@ use tokio::{
 /// How long after the end of the hold the agent waits for a greeting before it
 /// reports an early talker on its own (the MTA may be stuck or never greet).
 const NO_GREETING_GRACE: Duration = Duration::from_secs(5);
+/// The pass cache is saved this often (and at exit and on SIGHUP).
+const SAVE_EVERY: Duration = Duration::from_secs(600);
 
 /// Exit status for bad flags, bad configuration and missing privileges/features.
 const EXIT_USAGE: u8 = 2;
@@ -60,14 +66,53 @@ fn main() -> ExitCode {
             ));
         }
     };
-    let level = if cli.verbose { "debug" } else { "info" };
+    match cli.command {
+        Some(Command::Status {
+            json,
+            control_socket,
+        }) => match status::client(&control_socket, json) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("{e:#}")),
+        },
+        Some(Command::Generate { dir }) => match generate(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{e:#}")),
+        },
+        None => agent(cli.run),
+    }
+}
+
+/// Man page and shell completions from the CLI definition (for packaging).
+fn generate(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(&mut man)?;
+    std::fs::write(dir.join("earlytalker.8"), man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "earlytalker", dir)?;
+    }
+    Ok(())
+}
+
+fn agent(run: RunArgs) -> ExitCode {
+    let level = if run.verbose { "debug" } else { "info" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .target(env_logger::Target::Stderr)
         .init();
 
-    let settings = match Settings::from_cli(cli, iface::default_iface) {
+    let settings = match Settings::load(&run, iface::default_iface) {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => return fail(format!("{e:#}")),
     };
     let features = match loader::detect() {
         Ok(f) => f,
@@ -79,7 +124,7 @@ fn main() -> ExitCode {
     }
     // Opened before anything is attached, so a missing capability fails cleanly.
     let enforcer = if settings.enforce() {
-        match Enforcer::new() {
+        match Enforcer::new().and_then(|mut e| e.probe_destroy().map(|()| e)) {
             Ok(e) => Some(e),
             Err(e) => return fail(format!("{e:#}")),
         }
@@ -101,6 +146,7 @@ fn main() -> ExitCode {
     };
     let out = Out::new(settings.log_format);
     let store = Arc::new(Mutex::new(Store::new(settings.max_connections as usize)));
+    let snap: status::Shared = Arc::default();
     let services = async {
         policy::start(
             settings.policy_socket.clone(),
@@ -117,7 +163,12 @@ fn main() -> ExitCode {
             store.clone(),
             out,
         )
-        .await
+        .await?;
+        status::serve(settings.control_socket.clone(), snap.clone()).await?;
+        if let Some(addr) = settings.metrics_listen {
+            metrics::serve(addr, snap.clone())?;
+        }
+        anyhow::Ok(())
     };
     if let Err(e) = rt.block_on(services) {
         // The Guard drops on return: nothing stays attached.
@@ -128,8 +179,11 @@ fn main() -> ExitCode {
         store,
         enforcer,
         counts: Counts::default(),
+        snap,
+        run,
+        s: settings,
     };
-    match rt.block_on(run(guard, settings, features, ctx)) {
+    match rt.block_on(event_loop(guard, features, ctx)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("earlytalker: fatal: {e:#}");
@@ -165,6 +219,15 @@ impl Counts {
         }
     }
 
+    fn by_action(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("deny", self.deny),
+            ("denysoft", self.denysoft),
+            ("defer", self.defer),
+            ("log", self.log),
+        ]
+    }
+
     fn list(&self) -> [(&'static str, u64); 5] {
         [
             ("action_deny", self.deny),
@@ -181,11 +244,15 @@ struct Ctx {
     store: Arc<Mutex<Store>>,
     enforcer: Option<Enforcer>,
     counts: Counts,
+    snap: status::Shared,
+    /// The command line, re-applied over the file on every reload.
+    run: RunArgs,
+    s: Settings,
 }
 
 impl Ctx {
     /// Acts on one kernel record.
-    fn handle(&mut self, ev: &Event, s: &Settings, tracker: &mut Tracker) {
+    fn handle(&mut self, ev: &Event, tracker: &mut Tracker) {
         let client = client_of(&ev.key);
         match ev.kind {
             EV_EARLY => {
@@ -193,13 +260,13 @@ impl Ctx {
                 self.store.lock().expect("store lock").insert(
                     client,
                     server_of(&ev.key),
-                    s.action,
-                    s.defer_reject,
+                    self.s.action,
+                    self.s.defer_reject,
                     bytes,
                     Instant::now(),
                 );
                 if ev.conn.flags & F_DENY != 0 {
-                    self.enforce(ev, s);
+                    self.enforce(ev);
                     return;
                 }
             }
@@ -226,16 +293,21 @@ impl Ctx {
                 .update_bytes(&v.client, v.bytes);
         }
         self.out.verdict(v);
+        let mut j = output::json_value(v);
+        j["ts"] = humantime::format_rfc3339_millis(SystemTime::now())
+            .to_string()
+            .into();
+        self.snap.lock().expect("snapshot lock").push_recent(j);
     }
 
     /// deny/denysoft: reply in place of the greeting, tear the MTA's socket down.
-    fn enforce(&mut self, ev: &Event, s: &Settings) {
-        let v = events::verdict(&ev.key, &ev.conn, End::Denied, ev.now_ns, s.taken());
+    fn enforce(&mut self, ev: &Event) {
+        let v = events::verdict(&ev.key, &ev.conn, End::Denied, ev.now_ns, self.s.taken());
         let Some(enforcer) = self.enforcer.as_mut() else {
             log::error!("kernel condemned {} but enforcement is off", v.client);
             return;
         };
-        let outcome = enforcer.deny(&ev.key, &ev.conn, s.action);
+        let outcome = enforcer.deny(&ev.key, &ev.conn, self.s.action);
         self.report(&v);
         for (step, err) in [
             ("reply", outcome.reply_error),
@@ -247,9 +319,134 @@ impl Ctx {
             }
         }
     }
+
+    /// SIGHUP: re-reads the file, re-applies the flags, and changes what can be
+    /// changed live. An invalid configuration is refused whole.
+    fn reload(&mut self, guard: &mut Guard, f: &Features, tracker: &mut Tracker) {
+        let cur_iface = self.s.ifaces.clone();
+        let res = Settings::load(&self.run, || Ok(cur_iface[0].clone())).and_then(|mut new| {
+            let why = format!("net.ipv4.tcp_retries2 = {}", f.tcp_retries2);
+            new.check_wait(f.max_wait, &why)?;
+            let fixed = self.s.restart_only_changes(&new);
+            if !fixed.is_empty() {
+                log::warn!(
+                    "reload: {} change(s) need a restart; keeping the running value(s)",
+                    fixed.join(", ")
+                );
+                new.ifaces.clone_from(&self.s.ifaces);
+                new.log_format = self.s.log_format;
+                new.max_connections = self.s.max_connections;
+                new.state_dir.clone_from(&self.s.state_dir);
+                new.policy_socket.clone_from(&self.s.policy_socket);
+                new.policy_listen = self.s.policy_listen;
+                new.milter_socket.clone_from(&self.s.milter_socket);
+                new.milter_listen = self.s.milter_listen;
+                new.socket_group.clone_from(&self.s.socket_group);
+                new.metrics_listen = self.s.metrics_listen;
+                new.control_socket.clone_from(&self.s.control_socket);
+            }
+            if new.enforce() && self.enforcer.is_none() {
+                let mut e = Enforcer::new()?;
+                e.probe_destroy()?;
+                self.enforcer = Some(e);
+            }
+            guard.configure(&new)?;
+            Ok(new)
+        });
+        match res {
+            Ok(new) => {
+                tracker.set_action(new.taken());
+                self.s = new;
+                self.out.reloaded(&self.s, None);
+                self.save_passes(guard);
+            }
+            Err(e) => {
+                log::error!("reload refused, the old configuration stays: {e:#}");
+                self.out.reloaded(&self.s, Some(&format!("{e:#}")));
+            }
+        }
+    }
+
+    /// Refreshes what status and metrics show; `full` also walks the maps.
+    fn refresh(&mut self, guard: &Guard, full: bool) {
+        let mut counters: Vec<(String, u64)> = guard
+            .counters()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        counters.extend(self.counts.list().iter().map(|(k, v)| (k.to_string(), *v)));
+        let store_len = self.store.lock().expect("store lock").live();
+        let mut snap = self.snap.lock().expect("snapshot lock");
+        snap.counters = counters;
+        snap.by_action = self.counts.by_action();
+        snap.config = output::config_json(&self.s);
+        snap.allow = self.s.allow.len() as u64;
+        snap.conns_capacity = u64::from(self.s.max_connections);
+        snap.passed_capacity = u64::from(shared::DEFAULT_MAX_PASSED);
+        snap.verdict_store = store_len as u64;
+        if full {
+            drop(snap);
+            let (n, held) = guard.conn_fill(monotonic_ns());
+            let passed = guard.passed().len() as u64;
+            let mut snap = self.snap.lock().expect("snapshot lock");
+            snap.conns = n;
+            snap.held_now = held;
+            snap.passed = passed;
+        }
+    }
+
+    fn save_passes(&self, guard: &Guard) {
+        if self.s.pass_ttl.is_zero() {
+            return;
+        }
+        let now = monotonic_ns();
+        let entries: Vec<(IpAddr, Duration)> = guard
+            .passed()
+            .into_iter()
+            .map(|(a, t)| {
+                (
+                    Ipv6Addr::from(a).to_canonical(),
+                    Duration::from_nanos(now.saturating_sub(t)),
+                )
+            })
+            .filter(|(_, age)| *age < self.s.pass_ttl)
+            .collect();
+        if let Err(e) = passcache::save(&self.s.state_dir, &entries, SystemTime::now()) {
+            log::warn!("pass cache not saved: {e:#}");
+        }
+    }
+
+    fn restore_passes(&self, guard: &mut Guard) {
+        if self.s.pass_ttl.is_zero() {
+            return;
+        }
+        if let Err(e) = std::fs::create_dir_all(&self.s.state_dir) {
+            log::warn!(
+                "state directory {}: {e}; the pass cache will not survive a restart",
+                self.s.state_dir.display()
+            );
+            return;
+        }
+        match passcache::load(&self.s.state_dir, self.s.pass_ttl, SystemTime::now()) {
+            Ok(entries) => {
+                let now = monotonic_ns();
+                let kernel: Vec<([u8; 16], u64)> = entries
+                    .iter()
+                    .filter(|(_, age)| (age.as_nanos() as u64) < now)
+                    .map(|(ip, age)| (loader::mapped(*ip), now - age.as_nanos() as u64))
+                    .collect();
+                match guard.restore_passed(&kernel) {
+                    Ok(n) if n > 0 => log::info!("pass cache: {n} address(es) restored"),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("pass cache not restored: {e:#}"),
+                }
+            }
+            Err(e) => log::warn!("pass cache not restored: {e:#}"),
+        }
+    }
 }
 
-async fn run(mut guard: Guard, s: Settings, f: Features, mut ctx: Ctx) -> Result<()> {
+async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
     let out = ctx.out;
     // SAFETY: RingBuf and EbpfLogger own their map fd until dropped, which only
     // happens together with the AsyncFd wrapping them.
@@ -266,16 +463,22 @@ async fn run(mut guard: Guard, s: Settings, f: Features, mut ctx: Ctx) -> Result
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
-    let mut tracker = Tracker::new(s.taken(), grace, s.max_connections as usize);
+    let mut tracker = Tracker::new(ctx.s.taken(), grace, ctx.s.max_connections as usize);
 
-    out.started(&s, f.max_wait, &f.kernel);
+    ctx.restore_passes(&mut guard);
+    ctx.snap.lock().expect("snapshot lock").started_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ctx.refresh(&guard, true);
+    out.started(&ctx.s, &f);
     log::info!(
         "watching {} on port(s) {:?}; greeting held {} s (this kernel allows up to {} s)",
-        s.ifaces.join(", "),
-        s.ports,
-        config::secs(s.wait),
+        ctx.s.ifaces.join(", "),
+        ctx.s.ports,
+        config::secs(ctx.s.wait),
         config::secs(f.max_wait)
     );
 
@@ -284,12 +487,14 @@ async fn run(mut guard: Guard, s: Settings, f: Features, mut ctx: Ctx) -> Result
                  ctx: &mut Ctx| {
         while let Some(item) = ring.next() {
             match events::decode(&item) {
-                Some(ev) => ctx.handle(&ev, &s, tracker),
+                Some(ev) => ctx.handle(&ev, tracker),
                 None => log::warn!("ignoring a malformed kernel record of {} bytes", item.len()),
             }
         }
     };
 
+    let mut ticks: u64 = 0;
+    let mut last_save = Instant::now();
     loop {
         tokio::select! {
             r = ring.readable_mut() => {
@@ -304,11 +509,19 @@ async fn run(mut guard: Guard, s: Settings, f: Features, mut ctx: Ctx) -> Result
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => ctx.reload(&mut guard, &f, &mut tracker),
             _ = tick.tick() => {
+                ticks += 1;
                 for v in tracker.sweep(monotonic_ns(), |k| guard.lookup(k)) {
                     ctx.report(&v);
                 }
                 ctx.store.lock().expect("store lock").expire(Instant::now());
+                // Walking the maps costs a syscall per entry: every 5 s only.
+                ctx.refresh(&guard, ticks.is_multiple_of(10));
+                if last_save.elapsed() >= SAVE_EVERY {
+                    ctx.save_passes(&guard);
+                    last_save = Instant::now();
+                }
             }
         }
     }
@@ -318,12 +531,17 @@ async fn run(mut guard: Guard, s: Settings, f: Features, mut ctx: Ctx) -> Result
     if let Some(k) = klog.as_mut() {
         k.get_mut().flush();
     }
+    ctx.save_passes(&guard);
     let mut counters = guard.counters();
     counters.extend(ctx.counts.list());
     out.stopped(&counters);
-    for p in [&s.policy_socket, &s.milter_socket].into_iter().flatten() {
+    for p in [&ctx.s.policy_socket, &ctx.s.milter_socket]
+        .into_iter()
+        .flatten()
+    {
         let _ = std::fs::remove_file(p);
     }
+    let _ = std::fs::remove_file(&ctx.s.control_socket);
     drop(ring);
     guard.detach();
     log::info!("detached; exiting");

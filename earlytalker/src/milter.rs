@@ -157,7 +157,7 @@ pub async fn start(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     if let Some(path) = unix {
-        crate::policy::remove_stale_socket(&path);
+        crate::policy::claim_socket(&path)?;
         let l = UnixListener::bind(&path)
             .with_context(|| format!("milter socket {}", path.display()))?;
         crate::policy::socket_permissions(&path, group.as_deref())?;

@@ -3,13 +3,9 @@
 
 use crate::config::{secs, LogFormat, Settings};
 use crate::events::{End, Kind, Verdict};
+use crate::loader::Features;
 use serde_json::{json, Value};
-use std::{
-    fmt::Write as _,
-    io::Write,
-    net::SocketAddr,
-    time::{Duration, SystemTime},
-};
+use std::{fmt::Write as _, io::Write, net::SocketAddr, time::SystemTime};
 
 /// Escapes client bytes so that nothing but printable ASCII reaches a terminal or
 /// a log collector: `\r`, `\n`, `\t`, `\\`, `\"` and `\xNN` for everything else.
@@ -107,6 +103,33 @@ pub fn json_value(v: &Verdict) -> Value {
     }
 }
 
+fn join_ports(p: &[u16]) -> String {
+    p.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The settings in force, as `status` and the start-up line show them.
+pub fn config_json(s: &Settings) -> Value {
+    json!({
+        "interfaces": s.ifaces,
+        "ports": s.ports,
+        "wait": s.wait.as_secs_f64(),
+        "action": s.action.to_string(),
+        "defer_reject": s.defer_reject,
+        "taken": s.taken(),
+        "allow": s.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "pass_ttl": s.pass_ttl.as_secs(),
+        "state_dir": s.state_dir,
+        "max_connections": s.max_connections,
+        "policy_socket": s.policy_socket,
+        "policy_listen": s.policy_listen.map(|a| a.to_string()),
+        "milter_socket": s.milter_socket,
+        "milter_listen": s.milter_listen.map(|a| a.to_string()),
+        "metrics_listen": s.metrics_listen.map(|a| a.to_string()),
+        "control_socket": s.control_socket,
+        "config": s.config,
+    })
+}
+
 fn timestamp() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
@@ -142,30 +165,58 @@ impl Out {
         self.emit(text(v), json_value(v));
     }
 
-    pub fn started(&self, s: &Settings, max_wait: Duration, kernel: &str) {
+    /// One start-up line: settings in force, kernel features found, limits.
+    pub fn started(&self, s: &Settings, f: &Features) {
         let text = format!(
-            "STARTED interfaces={} ports={} wait={}s action={} max_wait={}s kernel={kernel}",
+            "STARTED interfaces={} ports={} wait={}s action={} allow={} pass_ttl={}s kernel={} tcx=yes btf={} sock_destroy={} max_wait={}s (tcp_retries2={})",
             s.ifaces.join(","),
-            s.ports
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
+            join_ports(&s.ports),
             secs(s.wait),
-            s.action,
-            secs(max_wait),
+            s.taken(),
+            s.allow.len(),
+            s.pass_ttl.as_secs(),
+            f.kernel,
+            if f.btf { "yes" } else { "no" },
+            if s.enforce() { "yes" } else { "unused" },
+            secs(f.max_wait),
+            f.tcp_retries2,
         );
-        let json = json!({
-            "event": "started",
-            "interfaces": s.ifaces,
-            "ports": s.ports,
-            "wait": s.wait.as_secs_f64(),
-            "action": s.action.to_string(),
-            "defer_reject": s.defer_reject,
-            "max_wait": max_wait.as_secs_f64(),
-            "kernel": kernel,
-            "version": env!("CARGO_PKG_VERSION"),
+        let mut json = config_json(s);
+        json["event"] = "started".into();
+        json["version"] = env!("CARGO_PKG_VERSION").into();
+        json["kernel"] = f.kernel.clone().into();
+        json["features"] = json!({
+            "tcx": true,
+            "btf": f.btf,
+            "sock_destroy": if s.enforce() { Value::Bool(true) } else { Value::Null },
         });
+        json["max_wait"] = f.max_wait.as_secs_f64().into();
+        json["tcp_retries2"] = f.tcp_retries2.into();
+        self.emit(text, json);
+    }
+
+    /// A SIGHUP reload: applied, or refused with the reason.
+    pub fn reloaded(&self, s: &Settings, refused: Option<&str>) {
+        let (text, mut json) = match refused {
+            None => (
+                format!(
+                    "RELOADED wait={}s action={} allow={} pass_ttl={}s ports={}",
+                    secs(s.wait),
+                    s.taken(),
+                    s.allow.len(),
+                    s.pass_ttl.as_secs(),
+                    join_ports(&s.ports)
+                ),
+                config_json(s),
+            ),
+            Some(why) => (format!("RELOAD-REFUSED {why}"), json!({"error": why})),
+        };
+        json["event"] = if refused.is_none() {
+            "reloaded"
+        } else {
+            "reload_refused"
+        }
+        .into();
         self.emit(text, json);
     }
 

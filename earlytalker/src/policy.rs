@@ -183,13 +183,22 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// A socket file left by an earlier run would make bind fail; anything that is
+/// Makes `path` free for bind: a socket file left by an earlier run is removed,
+/// but one that a live process still answers on is refused, so that a second
+/// agent cannot silently take over the first one's sockets. Anything that is
 /// not a socket is left alone (bind then reports it).
-pub fn remove_stale_socket(path: &std::path::Path) {
+pub fn claim_socket(path: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "{} is in use by a running process (another earlytalker?)",
+                path.display()
+            );
+        }
         let _ = std::fs::remove_file(path);
     }
+    Ok(())
 }
 
 /// Mode 0660, and the MTA's group when given, so that only it (and root) connect.
@@ -219,7 +228,7 @@ pub async fn start(
     use anyhow::Context;
     let peers = Arc::new(Semaphore::new(MAX_PEERS));
     if let Some(path) = unix {
-        remove_stale_socket(&path);
+        claim_socket(&path)?;
         let l = UnixListener::bind(&path)
             .with_context(|| format!("policy socket {}", path.display()))?;
         socket_permissions(&path, group.as_deref())?;

@@ -95,8 +95,8 @@ impl Store {
         self.map.retain(|_, e| live(e, now));
     }
 
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
+    /// Entries held (expired ones go at the next `expire`).
+    pub fn live(&self) -> usize {
         self.map.len()
     }
 }
@@ -141,7 +141,7 @@ mod tests {
                 t0 + Duration::from_millis(u64::from(p)),
             );
         }
-        assert_eq!(s.len(), 3);
+        assert_eq!(s.live(), 3);
         // The newest survive.
         assert!(s.lookup(&a(9), t0 + Duration::from_secs(1)).is_some());
         assert!(s.lookup(&a(0), t0 + Duration::from_secs(1)).is_none());

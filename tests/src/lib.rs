@@ -141,6 +141,19 @@ impl Lab {
         spawn_in(&self.client_ns, f)
     }
 
+    /// A scratch directory of this lab's, removed with it.
+    pub fn dir(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/et-lab-{}", self.server_ns))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir().join("control.sock")
+    }
+
     /// Number of TCX programs attached to the server's veth (ingress + egress).
     pub fn tcx_programs(&self) -> Result<usize> {
         let dev = self.server_if.clone();
@@ -160,6 +173,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         // Deleting the namespaces removes the veth pair with them.
+        let _ = std::fs::remove_dir_all(self.dir());
         let _ = run("ip", &["netns", "del", &self.server_ns]);
         let _ = run("ip", &["netns", "del", &self.client_ns]);
     }
@@ -510,12 +524,28 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent on the lab's server veth and waits for its "started" line.
+    /// Each lab's agent has its own state directory and control socket, and the
+    /// pass cache is off unless `args` set --pass-ttl: the labs' clients share
+    /// one address, and a pass in one test must not change the next.
     pub fn start(lab: &Lab, args: &[&str]) -> Result<Self> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &lab.server_ns])
             .arg(agent_bin())
-            .args(["--log-format", "json", "-i", &lab.server_if])
-            .args(args)
+            .args(["--log-format", "json", "-i", &lab.server_if]);
+        let has = |flag: &str| args.contains(&flag);
+        if !has("--state-dir") {
+            cmd.args(["--state-dir", &lab.state_dir().display().to_string()]);
+        }
+        if !has("--control-socket") {
+            cmd.args([
+                "--control-socket",
+                &lab.control_socket().display().to_string(),
+            ]);
+        }
+        if !has("--pass-ttl") {
+            cmd.args(["--pass-ttl", "0"]);
+        }
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -662,6 +692,8 @@ pub fn run_agent_once(lab: &Lab, args: &[&str]) -> Result<(i32, String, String)>
     let out = Command::new("ip")
         .args(["netns", "exec", &lab.server_ns])
         .arg(agent_bin())
+        .arg("--control-socket")
+        .arg(lab.control_socket())
         .args(args)
         .stdin(Stdio::null())
         .output()

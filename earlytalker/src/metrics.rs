@@ -1,0 +1,176 @@
+//! Prometheus metrics (`--metrics-listen`), in the standard text exposition
+//! format, built from the same snapshot `earlytalker status` shows.
+
+use crate::status::{Shared, Snapshot};
+use anyhow::{Context, Result};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+    },
+    registry::Registry,
+};
+use std::net::SocketAddr;
+
+/// Kernel counter name -> (metric name, help).
+const KERNEL: &[(&str, &str, &str)] = &[
+    (
+        "connections_tracked",
+        "connections_tracked",
+        "Connections tracked from their handshake",
+    ),
+    (
+        "passes",
+        "passes",
+        "Clients whose greeting left before they talked",
+    ),
+    (
+        "greeting_segments_held",
+        "greeting_segments_held",
+        "Greeting segments held back (each TCP retry counts)",
+    ),
+    (
+        "events_lost",
+        "events_lost",
+        "Verdict events lost because the ring buffer was full",
+    ),
+    (
+        "conn_map_insert_failures",
+        "conn_map_insert_failures",
+        "Connections left untracked because the table refused them",
+    ),
+    (
+        "handshakes_seen",
+        "handshakes_seen",
+        "SYN-ACKs seen on watched ports",
+    ),
+    ("syn_data", "syn_data", "SYNs carrying data (TCP Fast Open)"),
+    (
+        "closed_before_greeting",
+        "closed_before_greeting",
+        "Early talkers whose connection ended before any greeting",
+    ),
+    (
+        "enforced_segments_dropped",
+        "enforced_segments_dropped",
+        "Segments of denied connections dropped in the kernel",
+    ),
+    (
+        "allowlist_hits",
+        "allowlist_hits",
+        "Connections from allowlisted clients",
+    ),
+    (
+        "pass_cache_hits",
+        "pass_cache_hits",
+        "Connections not held thanks to the pass cache",
+    ),
+    (
+        "teardown_failures",
+        "teardown_failures",
+        "Failed steps of deny/denysoft enforcement",
+    ),
+];
+
+/// Renders the exposition text for a snapshot.
+pub fn render(s: &Snapshot) -> String {
+    let mut reg = Registry::with_prefix("earlytalker");
+    for (name, metric, help) in KERNEL {
+        let v = s
+            .counters
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| *v);
+        reg.register(*metric, *help, ConstCounter::new(v));
+    }
+    let early = Family::<Vec<(String, String)>, Counter>::default();
+    for (action, n) in &s.by_action {
+        early
+            .get_or_create(&vec![("action".into(), (*action).into())])
+            .inc_by(*n);
+    }
+    reg.register(
+        "early_talkers",
+        "Early talkers, by what was done to them",
+        early,
+    );
+    reg.register(
+        "greetings_held",
+        "Greetings being held right now",
+        ConstGauge::new(s.held_now as i64),
+    );
+    let entries = Family::<Vec<(String, String)>, Gauge>::default();
+    let capacity = Family::<Vec<(String, String)>, Gauge>::default();
+    for (map, n, cap) in [
+        ("connections", s.conns, s.conns_capacity),
+        ("pass_cache", s.passed, s.passed_capacity),
+        ("allowlist", s.allow, u64::from(crate::shared::MAX_ALLOW)),
+    ] {
+        let l = vec![("map".to_string(), map.to_string())];
+        entries.get_or_create(&l).set(n as i64);
+        capacity.get_or_create(&l).set(cap as i64);
+    }
+    reg.register("map_entries", "Entries in the kernel maps", entries);
+    reg.register("map_capacity", "Capacity of the kernel maps", capacity);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// Serves GET /metrics on its own thread (blocking I/O, off the event loop).
+pub fn serve(addr: SocketAddr, snap: Shared) -> Result<()> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("metrics listener {addr}"))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let resp = if req.url() == "/metrics" {
+                    let body = render(&snap.lock().expect("snapshot lock"));
+                    let ct = tiny_http::Header::from_bytes(
+                        "Content-Type",
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
+                    .expect("static header");
+                    tiny_http::Response::from_string(body).with_header(ct)
+                } else {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                };
+                let _ = req.respond(resp);
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_counts_and_labels() {
+        let s = Snapshot {
+            counters: vec![("connections_tracked".into(), 7), ("events_lost".into(), 0)],
+            by_action: vec![("deny", 3), ("log", 1)],
+            held_now: 2,
+            conns: 5,
+            conns_capacity: 65536,
+            ..Default::default()
+        };
+        let t = render(&s);
+        assert!(t.contains("earlytalker_connections_tracked_total 7"), "{t}");
+        assert!(t.contains("earlytalker_events_lost_total 0"), "{t}");
+        assert!(
+            t.contains("earlytalker_early_talkers_total{action=\"deny\"} 3"),
+            "{t}"
+        );
+        assert!(t.contains("earlytalker_greetings_held 2"), "{t}");
+        assert!(
+            t.contains("earlytalker_map_entries{map=\"connections\"} 5"),
+            "{t}"
+        );
+        assert!(t.contains("# HELP earlytalker_passes"), "{t}");
+        assert!(t.trim_end().ends_with("# EOF"), "{t}");
+    }
+}
