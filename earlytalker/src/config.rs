@@ -739,6 +739,17 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let file: FileConfig = toml::from_str(include_str!("../dist/earlytalker.toml")).unwrap();
+        let mut cli = parse(&[]).unwrap().run;
+        cli.config = Some("dist/earlytalker.toml".into());
+        let s = Settings::build(&cli, Some(file), || Ok("eth0".into())).unwrap();
+        assert_eq!(s.action, Action::Denysoft);
+        assert_eq!(s.allow.len(), 2);
+        assert_eq!(s.pass_ttl, Duration::from_secs(86_400));
+    }
+
+    #[test]
     fn reload_names_what_needs_a_restart() {
         let a = settings(&[]).unwrap();
         let mut b = a.clone();

@@ -16,7 +16,10 @@ const USAGE: &str = "usage: cargo xtask <command>
   run [-- ARGS]  build, then run the agent as root; with no ARGS and nothing
                  listening on port 25, runs the demo instead
   demo           a bot and a polite client in network namespaces, caught live
-  test           setup, build, unit tests, then the privileged suite (root)";
+  test           setup, build, unit tests, then the privileged suite (root)
+  install [--destdir DIR]
+                 build, then install the agent, systemd unit, example config,
+                 man page and shell completions (under DIR when given)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| demo::run(&agent_bin())),
         Some("test") => test(&args[1..]),
+        Some("install") => install(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -258,6 +262,71 @@ fn run(args: &[String]) -> Result<()> {
     // exec: signals from the terminal reach the agent directly.
     let err = Command::new(agent_bin()).args(&args).exec();
     bail!("cannot start the agent: {err}")
+}
+
+/// Installs into `--destdir` (for packaging) or onto this host.
+fn install(args: &[String]) -> Result<()> {
+    let destdir = match args {
+        [] => PathBuf::from("/"),
+        [flag, dir] if flag == "--destdir" => PathBuf::from(dir),
+        _ => bail!("usage: cargo xtask install [--destdir DIR]"),
+    };
+    if destdir == Path::new("/") {
+        require_root("install")?;
+    }
+    build()?;
+    let gen = root_dir().join("target/dist");
+    status(Command::new(agent_bin()).arg("generate").arg(&gen))?;
+    let dist = root_dir().join("earlytalker/dist");
+    let at = |p: &str| destdir.join(p.trim_start_matches('/'));
+    let put = |from: &Path, to: PathBuf, mode: u32| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(to.parent().expect("absolute path"))?;
+        std::fs::copy(from, &to).with_context(|| format!("installing {}", to.display()))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+        println!("installed {}", to.display());
+        Ok(())
+    };
+    put(&agent_bin(), at("/usr/local/sbin/earlytalker"), 0o755)?;
+    put(
+        &dist.join("earlytalker.service"),
+        at("/etc/systemd/system/earlytalker.service"),
+        0o644,
+    )?;
+    let conf = at("/etc/earlytalker/earlytalker.toml");
+    if conf.exists() {
+        println!("kept {} (exists)", conf.display());
+    } else {
+        put(&dist.join("earlytalker.toml"), conf, 0o640)?;
+    }
+    put(
+        &gen.join("earlytalker.8"),
+        at("/usr/local/share/man/man8/earlytalker.8"),
+        0o644,
+    )?;
+    put(
+        &gen.join("earlytalker.bash"),
+        at("/usr/local/share/bash-completion/completions/earlytalker"),
+        0o644,
+    )?;
+    put(
+        &gen.join("_earlytalker"),
+        at("/usr/local/share/zsh/site-functions/_earlytalker"),
+        0o644,
+    )?;
+    put(
+        &gen.join("earlytalker.fish"),
+        at("/usr/local/share/fish/vendor_completions.d/earlytalker.fish"),
+        0o644,
+    )?;
+    if destdir == Path::new("/") {
+        // Only where systemd runs this host.
+        if Path::new("/run/systemd/system").exists() {
+            status(Command::new("systemctl").arg("daemon-reload"))?;
+        }
+        println!("\nnext: edit /etc/earlytalker/earlytalker.toml, then: systemctl enable --now earlytalker");
+    }
+    Ok(())
 }
 
 fn test(extra: &[String]) -> Result<()> {

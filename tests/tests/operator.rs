@@ -1,0 +1,335 @@
+//! What an operator relies on: allowlist, pass cache (and its survival across a
+//! restart), configuration reload with connections in flight, metrics, status.
+//! Real kernel, real TCP in namespaces, the real agent. Needs root.
+
+use earlytalker_tests::*;
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+const PORT: u16 = 25;
+const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
+
+fn require_root() {
+    assert!(
+        is_root(),
+        "the privileged suite needs root; run `cargo xtask test` as root"
+    );
+}
+
+fn server(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.server_addr(false), PORT)
+}
+
+fn polite(lab: &Lab) -> Seen {
+    let s = server(lab);
+    join(lab.in_client(move || session(s, &Manner::Polite)))
+        .unwrap()
+        .unwrap()
+}
+
+fn bot_run(lab: &Lab) -> BotRun {
+    let s = server(lab);
+    join(lab.in_client(move || bot_read_all(s, b"EHLO bot\r\n", false)))
+        .unwrap()
+        .unwrap()
+}
+
+fn signal(agent: &Agent, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid() as i32), sig).unwrap();
+}
+
+#[test]
+fn o1_allowlisted_bot_passes_untouched() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "-a",
+            "deny",
+            "-w",
+            "2",
+            "--allow",
+            &format!("{CLIENT_V4}/32"),
+            "--allow",
+            "fd00:99::/64",
+        ],
+    )
+    .unwrap();
+    for v6 in [false, true] {
+        let s = SocketAddr::new(lab.server_addr(v6), PORT);
+        let bytes = b"EHLO allowed-bot\r\n".to_vec();
+        let seen = join(lab.in_client({
+            let b = bytes.clone();
+            move || session(s, &Manner::Bot(b))
+        }))
+        .unwrap()
+        .unwrap();
+        // Not held, not flagged, not refused: the real greeting at once, and its
+        // bytes delivered.
+        assert!(
+            seen.greeting.starts_with("220 lab.example"),
+            "{}",
+            seen.greeting
+        );
+        assert!(
+            seen.greeting_after < Duration::from_millis(300),
+            "{:?}",
+            seen.greeting_after
+        );
+        let got = resp
+            .wait_closed(seen.local_port, Duration::from_secs(5))
+            .unwrap();
+        assert!(got.received.starts_with(&bytes));
+    }
+    agent.stop().unwrap();
+    assert!(agent.events("early_talker").is_empty(), "{:?}", agent.seen);
+    let st = &agent.events("stopped")[0];
+    assert_eq!(st["allowlist_hits"], 2, "{st}");
+    assert_eq!(st["connections_tracked"], 0, "{st}");
+}
+
+#[test]
+fn o2_pass_cache_holds_a_polite_client_once_and_survives_restart() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    // The responder greets 300 ms late, so that a bot without a hold still talks
+    // first (the pass cache skips the hold, not the detection).
+    let _resp = Responder::start(&lab, PORT, Duration::from_millis(300)).unwrap();
+    let args = ["-a", "log", "-w", "1", "--pass-ttl", "1h"];
+    let mut agent = Agent::start(&lab, &args).unwrap();
+    let first = polite(&lab);
+    assert!(
+        first.greeting_after >= Duration::from_millis(1000),
+        "{:?}",
+        first.greeting_after
+    );
+    let second = polite(&lab);
+    assert!(
+        second.greeting_after < Duration::from_millis(800),
+        "held again despite the pass cache: {:?}",
+        second.greeting_after
+    );
+    agent.stop().unwrap();
+    assert_eq!(agent.events("stopped")[0]["pass_cache_hits"], 1);
+
+    // A restart keeps the pass (saved in the state directory).
+    let mut agent = Agent::start(&lab, &args).unwrap();
+    let third = polite(&lab);
+    assert!(
+        third.greeting_after < Duration::from_millis(800),
+        "{:?}",
+        third.greeting_after
+    );
+    // Talking early loses the pass: the next polite connection is held again.
+    let s = server(&lab);
+    let b = join(lab.in_client(move || session(s, &Manner::Bot(b"EHLO x\r\n".to_vec()))))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        agent
+            .verdict_for(b.local_port, Duration::from_secs(5))
+            .unwrap()["event"],
+        "early_talker"
+    );
+    let fourth = polite(&lab);
+    assert!(
+        fourth.greeting_after >= Duration::from_millis(1000),
+        "{:?}",
+        fourth.greeting_after
+    );
+    agent.stop().unwrap();
+    assert!(lab.state_dir().join("pass-cache.json").exists());
+}
+
+#[test]
+fn o3_reload_changes_the_action_live() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    std::fs::create_dir_all(lab.dir()).unwrap();
+    let conf = lab.dir().join("earlytalker.toml");
+    std::fs::write(&conf, "action = \"log\"\nwait = 2.0\n").unwrap();
+    let mut agent = Agent::start(&lab, &["-c", conf.to_str().unwrap()]).unwrap();
+    assert_eq!(agent.events("started")[0]["action"], "log");
+
+    // A polite connection in flight, its greeting held, across the reload.
+    let s = server(&lab);
+    let in_flight = lab.in_client(move || session(s, &Manner::Polite));
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&conf, "action = \"deny\"\nwait = 1.0\n").unwrap();
+    signal(&agent, nix::sys::signal::Signal::SIGHUP);
+    let r = agent
+        .wait_for(Duration::from_secs(5), |v| v["event"] == "reloaded")
+        .unwrap();
+    assert_eq!(
+        (r["action"].as_str(), r["wait"].as_f64()),
+        (Some("deny"), Some(1.0))
+    );
+    let seen = join(in_flight).unwrap().unwrap();
+    assert!(
+        seen.greeting.starts_with("220 lab.example"),
+        "in-flight client lost: {seen:?}"
+    );
+    assert!(
+        seen.greeting_after >= Duration::from_millis(1900),
+        "{:?}",
+        seen.greeting_after
+    );
+    assert_eq!(
+        agent
+            .verdict_for(seen.local_port, Duration::from_secs(5))
+            .unwrap()["event"],
+        "pass"
+    );
+
+    // The new action applies to the next bot.
+    let b = bot_run(&lab);
+    assert_eq!(
+        String::from_utf8_lossy(&b.received),
+        format!("554 5.7.1 {TEXT}\r\n")
+    );
+    assert!(resp
+        .session(b.local_port)
+        .is_none_or(|s| s.received.is_empty()));
+
+    // An invalid file is refused whole; the old configuration stays.
+    std::fs::write(&conf, "action = \"log\"\nwait = -5.0\n").unwrap();
+    signal(&agent, nix::sys::signal::Signal::SIGHUP);
+    let r = agent
+        .wait_for(Duration::from_secs(5), |v| v["event"] == "reload_refused")
+        .unwrap();
+    assert!(r["error"].as_str().unwrap().contains("wait"), "{r}");
+    let b = bot_run(&lab);
+    assert_eq!(
+        String::from_utf8_lossy(&b.received),
+        format!("554 5.7.1 {TEXT}\r\n")
+    );
+    agent.stop().unwrap();
+    assert_eq!(agent.events("stopped")[0]["action_deny"], 2);
+}
+
+fn scrape(lab: &Lab, addr: &'static str) -> String {
+    join(lab.in_server(move || -> anyhow::Result<String> {
+        let mut c = TcpStream::connect(addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        Ok(s)
+    }))
+    .unwrap()
+    .unwrap()
+}
+
+#[test]
+fn o4_metrics_and_status_show_what_happened() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "-a",
+            "deny",
+            "-w",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:9125",
+            "--allow",
+            "192.0.2.0/24",
+        ],
+    )
+    .unwrap();
+    let p = polite(&lab);
+    let b = bot_run(&lab);
+    agent
+        .verdict_for(p.local_port, Duration::from_secs(5))
+        .unwrap();
+    agent
+        .verdict_for(b.local_port, Duration::from_secs(5))
+        .unwrap();
+    // The snapshot refreshes every 0.5 s, the map walk every 5 s.
+    std::thread::sleep(Duration::from_millis(5200));
+
+    let m = scrape(&lab, "127.0.0.1:9125");
+    assert!(
+        m.starts_with("HTTP/1.1 200") || m.starts_with("HTTP/1.0 200"),
+        "{m}"
+    );
+    for line in [
+        "earlytalker_early_talkers_total{action=\"deny\"} 1",
+        "earlytalker_early_talkers_total{action=\"log\"} 0",
+        "earlytalker_passes_total 1",
+        "earlytalker_connections_tracked_total 2",
+        "earlytalker_events_lost_total 0",
+        "earlytalker_map_entries{map=\"allowlist\"} 1",
+        "earlytalker_greetings_held 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+    }
+
+    let out = Command::new(agent_bin())
+        .args(["status", "--json", "--control-socket"])
+        .arg(lab.control_socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["counters"]["early_talkers"], 1, "{v:#}");
+    assert_eq!(v["counters"]["passes"], 1);
+    assert_eq!(v["config"]["action"], "deny");
+    assert_eq!(v["config"]["allow"][0], "192.0.2.0/24");
+    let recent = v["recent_verdicts"].as_array().unwrap();
+    let bot_port = format!(":{}", b.local_port);
+    assert!(
+        recent
+            .iter()
+            .any(|r| r["event"] == "early_talker"
+                && r["client"].as_str().unwrap().ends_with(&bot_port)),
+        "{recent:?}"
+    );
+    let text = Command::new(agent_bin())
+        .args(["status", "--control-socket"])
+        .arg(lab.control_socket())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("action deny") && text.contains(&bot_port),
+        "{text}"
+    );
+
+    // No agent: a clear error and exit 2.
+    agent.stop().unwrap();
+    let out = Command::new(agent_bin())
+        .args(["status", "--control-socket"])
+        .arg(lab.control_socket())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
+}
+
+#[test]
+fn o5_a_second_agent_cannot_take_over_the_sockets() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let mut first = Agent::start(&lab, &["-a", "log"]).unwrap();
+    let (code, _, err) = run_agent_once(&lab, &["-i", &lab.server_if, "-a", "log"]).unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in use"), "{err}");
+    // The first agent still answers, and its programs are the only ones attached.
+    assert_eq!(lab.tcx_programs().unwrap(), 2);
+    first.stop().unwrap();
+    assert_eq!(lab.tcx_programs().unwrap(), 0);
+}
