@@ -11,6 +11,7 @@ mod milter;
 mod output;
 mod passcache;
 mod policy;
+mod privs;
 mod shared;
 mod status;
 mod store;
@@ -122,15 +123,18 @@ fn agent(run: RunArgs) -> ExitCode {
     if let Err(e) = settings.check_wait(features.max_wait, &why) {
         return fail(e);
     }
-    // Opened before anything is attached, so a missing capability fails cleanly.
-    let enforcer = if settings.enforce() {
-        match Enforcer::new().and_then(|mut e| e.probe_destroy().map(|()| e)) {
-            Ok(e) => Some(e),
-            Err(e) => return fail(format!("{e:#}")),
-        }
-    } else {
-        None
+    // Opened before anything is attached, so a missing capability fails cleanly;
+    // opened in every mode, so that a reload to deny needs no privilege later.
+    let mut enforcer = match Enforcer::new() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("{e:#}")),
     };
+    if settings.enforce() {
+        if let Err(e) = enforcer.probe_destroy() {
+            return fail(format!("{e:#}"));
+        }
+    }
+    let enforcer = Some(enforcer);
     let guard = match Guard::load(&settings) {
         Ok(g) => g,
         // Whatever was attached is detached when the partial Guard drops.
@@ -165,14 +169,21 @@ fn agent(run: RunArgs) -> ExitCode {
         )
         .await?;
         status::serve(settings.control_socket.clone(), snap.clone()).await?;
-        if let Some(addr) = settings.metrics_listen {
-            metrics::serve(addr, snap.clone())?;
-        }
         anyhow::Ok(())
     };
     if let Err(e) = rt.block_on(services) {
         // The Guard drops on return: nothing stays attached.
         return fail(format!("{e:#}"));
+    }
+    // Everything privileged is done: attached, sockets bound and handed over.
+    if let Err(e) = privs::drop_privileges() {
+        return fail(format!("dropping privileges: {e:#}"));
+    }
+    // Threads only after the drop: capabilities are per thread.
+    if let Some(addr) = settings.metrics_listen {
+        if let Err(e) = metrics::serve(addr, snap.clone()) {
+            return fail(format!("{e:#}"));
+        }
     }
     let ctx = Ctx {
         out,
@@ -345,10 +356,10 @@ impl Ctx {
                 new.metrics_listen = self.s.metrics_listen;
                 new.control_socket.clone_from(&self.s.control_socket);
             }
-            if new.enforce() && self.enforcer.is_none() {
-                let mut e = Enforcer::new()?;
-                e.probe_destroy()?;
-                self.enforcer = Some(e);
+            if new.enforce() && !self.s.enforce() {
+                if let Some(e) = self.enforcer.as_mut() {
+                    e.probe_destroy()?;
+                }
             }
             guard.configure(&new)?;
             Ok(new)

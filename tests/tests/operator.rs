@@ -333,3 +333,97 @@ fn o5_a_second_agent_cannot_take_over_the_sockets() {
     first.stop().unwrap();
     assert_eq!(lab.tcx_programs().unwrap(), 0);
 }
+
+fn proc_status_field(pid: u32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn o6_least_privilege_after_attach() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    std::fs::create_dir_all(lab.dir()).unwrap();
+    let policy = lab.dir().join("policy.sock");
+    let conf = lab.dir().join("earlytalker.toml");
+    std::fs::write(&conf, "action = \"deny\"\nwait = 1.0\n").unwrap();
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "-c",
+            conf.to_str().unwrap(),
+            "--policy-socket",
+            policy.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:9125",
+        ],
+    )
+    .unwrap();
+    let pid = agent.pid();
+    // Only CAP_NET_ADMIN (bit 12) is left, in every set that matters, for
+    // every thread (the metrics thread was started after the drop).
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid: u32 = task.unwrap().file_name().to_str().unwrap().parse().unwrap();
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        for (field, want) in [
+            ("CapEff", "0000000000001000"),
+            ("CapPrm", "0000000000001000"),
+            ("CapBnd", "0000000000001000"),
+            ("CapInh", "0000000000000000"),
+            ("CapAmb", "0000000000000000"),
+            ("NoNewPrivs", "1"),
+        ] {
+            let got = s
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{field}:")))
+                .unwrap()
+                .trim();
+            assert_eq!(got, want, "thread {tid} {field}");
+        }
+    }
+    assert_eq!(proc_status_field(pid, "CapEff"), "0000000000001000");
+    // Sockets are not world-writable.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&policy), 0o660);
+    assert_eq!(mode(&lab.control_socket()), 0o600);
+    // Still fully working without the rest: enforcement (raw reply + SOCK_DESTROY)...
+    let b = bot_run(&lab);
+    assert_eq!(
+        String::from_utf8_lossy(&b.received),
+        format!("554 5.7.1 {TEXT}\r\n")
+    );
+    // ...reload (map updates through held fds), metrics and the pass cache save.
+    std::fs::write(&conf, "action = \"denysoft\"\nwait = 0.5\n").unwrap();
+    signal(&agent, nix::sys::signal::Signal::SIGHUP);
+    agent
+        .wait_for(Duration::from_secs(5), |v| v["event"] == "reloaded")
+        .unwrap();
+    let b = bot_run(&lab);
+    assert_eq!(
+        String::from_utf8_lossy(&b.received),
+        format!("421 4.7.1 {TEXT}\r\n")
+    );
+    // The snapshot behind /metrics refreshes every 0.5 s: poll, bounded.
+    let want = "earlytalker_early_talkers_total{action=\"denysoft\"} 1";
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    let mut m = scrape(&lab, "127.0.0.1:9125");
+    while !m.contains(want) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        m = scrape(&lab, "127.0.0.1:9125");
+    }
+    assert!(m.contains(want), "{m}");
+    let st = agent.stop().unwrap();
+    assert!(st.success(), "{}", agent.stderr());
+    assert!(
+        agent.events("teardown_failed").is_empty(),
+        "{:?}",
+        agent.seen
+    );
+    assert_eq!(lab.tcx_programs().unwrap(), 0);
+}
