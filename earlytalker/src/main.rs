@@ -476,6 +476,9 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Most records are submitted without waking us (see the kernel's emit()).
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
     let mut tracker = Tracker::new(ctx.s.taken(), grace, ctx.s.max_connections as usize);
 
@@ -512,6 +515,11 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
                 let mut g = r.context("event ring buffer")?;
                 drain(g.get_inner_mut(), &mut tracker, &mut ctx);
                 g.clear_ready();
+                out.flush();
+            }
+            _ = poll.tick() => {
+                drain(ring.get_mut(), &mut tracker, &mut ctx);
+                out.flush();
             }
             r = async { klog.as_mut().expect("guarded").readable_mut().await }, if klog.is_some() => {
                 let mut g = r.context("kernel log ring buffer")?;
@@ -526,6 +534,7 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
                 for v in tracker.sweep(monotonic_ns(), |k| guard.lookup(k)) {
                     ctx.report(&v);
                 }
+                out.flush();
                 ctx.store.lock().expect("store lock").expire(Instant::now());
                 // Walking the maps costs a syscall per entry: every 5 s only.
                 ctx.refresh(&guard, ticks.is_multiple_of(10));
@@ -539,6 +548,7 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
 
     // Verdicts already in the ring are still reported.
     drain(ring.get_mut(), &mut tracker, &mut ctx);
+    out.flush();
     if let Some(k) = klog.as_mut() {
         k.get_mut().flush();
     }

@@ -134,6 +134,9 @@ fn timestamp() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// Lines formatted but not yet written (see `Out::flush`).
+static PENDING: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
 /// Writes verdict and lifecycle lines to stdout in the configured format.
 #[derive(Clone, Copy)]
 pub struct Out {
@@ -145,7 +148,13 @@ impl Out {
         Out { format }
     }
 
-    fn emit(&self, text: String, mut json: Value) {
+    /// Formats a line into the pending batch; `flush` writes the batch out.
+    fn emit(&self, text: String, json: Value) {
+        self.push(text, json);
+        self.flush();
+    }
+
+    fn push(&self, text: String, mut json: Value) {
         let ts = timestamp();
         let line = match self.format {
             LogFormat::Text => format!("{ts} {text}"),
@@ -156,13 +165,27 @@ impl Out {
                 json.to_string()
             }
         };
-        let mut out = std::io::stdout().lock();
-        // A closed stdout must not kill the guard; diagnostics still go to stderr.
-        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+        let mut b = PENDING.lock().expect("output lock");
+        b.push_str(&line);
+        b.push('\n');
     }
 
+    /// Writes the pending lines with one write. Called after every batch of
+    /// kernel records, so lines still appear at once for `tail -f`.
+    pub fn flush(&self) {
+        let mut b = PENDING.lock().expect("output lock");
+        if b.is_empty() {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        // A closed stdout must not kill the guard; diagnostics still go to stderr.
+        let _ = out.write_all(b.as_bytes()).and_then(|()| out.flush());
+        b.clear();
+    }
+
+    /// Buffered: the caller flushes after the batch.
     pub fn verdict(&self, v: &Verdict) {
-        self.emit(text(v), json_value(v));
+        self.push(text(v), json_value(v));
     }
 
     /// One start-up line: settings in force, kernel features found, limits.

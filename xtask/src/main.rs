@@ -17,6 +17,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                  listening on port 25, runs the demo instead
   demo           a bot and a polite client in network namespaces, caught live
   test           setup, build, unit tests, then the privileged suite (root)
+  bench          figures (per-packet cost, session rate, holds at scale) as a
+                 table and target/bench.json (root; not part of the tests)
   install [--destdir DIR]
                  build, then install the agent, systemd unit, example config,
                  man page and shell completions (under DIR when given)";
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
             .and_then(|()| demo::run(&agent_bin())),
         Some("test") => test(&args[1..]),
         Some("install") => install(&args[1..]),
+        Some("bench") => require_root("bench").and_then(|()| bench()),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -327,6 +330,22 @@ fn install(args: &[String]) -> Result<()> {
         println!("\nnext: edit /etc/earlytalker/earlytalker.toml, then: systemctl enable --now earlytalker");
     }
     Ok(())
+}
+
+fn bench() -> Result<()> {
+    build()?;
+    status(cargo().current_dir(root_dir()).args([
+        "build",
+        "--release",
+        "-p",
+        "earlytalker-tests",
+        "--bin",
+        "et-bench",
+    ]))?;
+    status(
+        Command::new(root_dir().join("target/release/et-bench"))
+            .env("EARLYTALKER_BIN", agent_bin()),
+    )
 }
 
 fn test(extra: &[String]) -> Result<()> {
