@@ -54,6 +54,11 @@ static ALLOW: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
 #[map(name = "PASSED")]
 static PASSED: LruHashMap<[u8; 16], u64> = LruHashMap::with_max_entries(DEFAULT_MAX_PASSED, 0);
 
+/// Where a new connection entry is built before insertion: a Conn is too big to
+/// keep two of on the 512-byte BPF stack.
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(S_COUNT, 0);
 
@@ -133,10 +138,29 @@ fn port_watched(port: u16) -> bool {
     }
 }
 
-/// Bounded L2/L3/L4 parse. Returns None for anything that is not a TCP segment we
-/// can read the header of (including non-first IP fragments).
+/// Which end of the segment is the watched server port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// Client to server: the destination port is watched.
+    Ingress,
+    /// Server to client: the source port is watched.
+    Egress,
+}
+
+/// IPv4 address as IPv4-mapped IPv6, built in place (no memset call).
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Seg> {
+fn mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+/// Bounded L2/L3/L4 parse. Returns None for anything that is not a TCP segment we
+/// can read the header of (including non-first IP fragments), or whose server port
+/// (by `dir`) is not watched: that check comes before any address is copied, so
+/// other traffic costs a few loads and one array lookup.
+#[inline(always)]
+fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let mut proto = u16::from_be(unsafe { (*eth).ether_type });
@@ -152,10 +176,11 @@ fn parse(ctx: &TcContext) -> Option<Seg> {
         off += VLAN_HLEN;
     }
 
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
+    let ip_off = off;
+    let v6: bool;
     let l4_len: u32;
     if proto == ETH_P_IP {
+        v6 = false;
         let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
@@ -178,19 +203,12 @@ fn parse(ctx: &TcContext) -> Option<Seg> {
             tot
         };
         l4_len = tot.saturating_sub(ihl as u32);
-        src[10] = 0xff;
-        src[11] = 0xff;
-        dst[10] = 0xff;
-        dst[11] = 0xff;
-        src[12..16].copy_from_slice(&ip.src_addr);
-        dst[12..16].copy_from_slice(&ip.dst_addr);
         off += ihl;
     } else if proto == ETH_P_IPV6 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        src = ip.src_addr;
-        dst = ip.dst_addr;
+        v6 = true;
         let mut next = ip.next_hdr;
         let mut plen = u32::from(be16(ip.payload_len));
         if plen == 0 {
@@ -235,15 +253,29 @@ fn parse(ctx: &TcContext) -> Option<Seg> {
     let tcp: *const TcpHdr = ptr_at(ctx, off)?;
     // SAFETY: bounds checked by ptr_at.
     let tcp = unsafe { &*tcp };
+    let sport = be16(tcp.source);
+    let dport = be16(tcp.dest);
+    if !port_watched(if dir == Dir::Ingress { dport } else { sport }) {
+        return None;
+    }
     let doff = u32::from(tcp.doff()) * 4;
     if doff < 20 || doff > l4_len {
         return None;
     }
+    let (src, dst) = if v6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, ip_off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { ((*ip).src_addr, (*ip).dst_addr) }
+    } else {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { (mapped((*ip).src_addr), mapped((*ip).dst_addr)) }
+    };
     Some(Seg {
         src,
         dst,
-        sport: be16(tcp.source),
-        dport: be16(tcp.dest),
+        sport,
+        dport,
         seq: be32(tcp.seq),
         ack_seq: be32(tcp.ack_seq),
         syn: tcp.syn() != 0,
@@ -335,19 +367,28 @@ fn config() -> Config {
     }
 }
 
-fn new_conn(cfg: &Config, now_ns: u64, client_base: u32, server_isn: u32) -> Conn {
-    Conn {
-        established_ns: now_ns,
-        release_ns: now_ns + cfg.wait_ns,
-        first_ns: 0,
-        client_base,
-        client_end: client_base,
-        server_isn,
-        flags: 0,
-        payload_len: 0,
-        pad: 0,
-        payload: [0; PAYLOAD_MAX],
-    }
+/// A fresh entry in this CPU's scratch slot. Only `payload[..payload_len]` is
+/// meaningful, so the payload bytes are not cleared.
+#[inline(always)]
+fn new_conn(
+    cfg: &Config,
+    now_ns: u64,
+    client_base: u32,
+    server_isn: u32,
+) -> Option<&'static mut Conn> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, used only within this program run.
+    let c = unsafe { &mut *p };
+    c.established_ns = now_ns;
+    c.release_ns = now_ns + cfg.wait_ns;
+    c.first_ns = 0;
+    c.client_base = client_base;
+    c.client_end = client_base;
+    c.server_isn = server_isn;
+    c.flags = 0;
+    c.payload_len = 0;
+    c.pad = 0;
+    Some(c)
 }
 
 /// Client payload before the greeting: count it, keep the first bytes once, and
@@ -393,13 +434,10 @@ pub fn et_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> i32 {
-    let seg = match parse(ctx) {
+    let seg = match parse(ctx, Dir::Ingress) {
         Some(s) => s,
         None => return NEXT,
     };
-    if !port_watched(seg.dport) {
-        return NEXT;
-    }
     let key = ConnKey {
         client_addr: seg.src,
         server_addr: seg.dst,
@@ -407,9 +445,8 @@ fn ingress(ctx: &TcContext) -> i32 {
         server_port: seg.dport,
         pad: 0,
     };
-    let now_ns = now();
-    let cfg = config();
-
+    // The clock and the config are read only on the paths that use them: most
+    // segments of a watched port need nothing but a lookup.
     if seg.syn {
         if seg.ack {
             return NEXT;
@@ -425,6 +462,8 @@ fn ingress(ctx: &TcContext) -> i32 {
             return NEXT;
         }
         stat(S_SYN_DATA);
+        let cfg = config();
+        let now_ns = now();
         if cfg.flags & CFG_ENFORCE != 0 {
             // TCP Fast Open under enforcement: drop the SYN so no byte reaches the
             // MTA; the client falls back to a plain SYN and its data, once sent
@@ -432,9 +471,11 @@ fn ingress(ctx: &TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
         // The client talked in its very first packet.
-        let mut conn = new_conn(&cfg, now_ns, seg.seq.wrapping_add(1), 0);
+        let Some(conn) = new_conn(&cfg, now_ns, seg.seq.wrapping_add(1), 0) else {
+            return NEXT;
+        };
         conn.flags |= F_SYN_DATA;
-        client_data(ctx, &seg, &key, &mut conn, &cfg, now_ns);
+        client_data(ctx, &seg, &key, conn, &cfg, now_ns);
         // The SYN flag itself takes one sequence number before the data.
         conn.client_end = conn.client_base.wrapping_add(seg.payload_len);
         if CONNS.insert(key, conn, 0).is_err() {
@@ -455,6 +496,7 @@ fn ingress(ctx: &TcContext) -> i32 {
             stat(S_DENY_DROPS);
             return TC_ACT_SHOT;
         }
+        let now_ns = now();
         if conn.flags & F_GREETED != 0 {
             if seg.rst {
                 closed(&key, conn, R_CLIENT_RST, now_ns);
@@ -463,6 +505,7 @@ fn ingress(ctx: &TcContext) -> i32 {
             }
             return NEXT;
         }
+        let cfg = config();
         if seg.rst {
             verdict(&key, conn, R_CLIENT_RST, now_ns, &cfg);
             return NEXT;
@@ -491,7 +534,10 @@ fn ingress(ctx: &TcContext) -> i32 {
         return NEXT;
     }
     let _ = HANDSHAKES.remove(key);
-    let mut conn = new_conn(&cfg, now_ns, hs.client_base, hs.server_isn);
+    let (cfg, now_ns) = (config(), now());
+    let Some(conn) = new_conn(&cfg, now_ns, hs.client_base, hs.server_isn) else {
+        return NEXT;
+    };
     if cfg.pass_ttl_ns > 0 {
         if let Some(t) = PASSED.get_ptr(key.client_addr) {
             // SAFETY: plain u64 read from a map value.
@@ -505,7 +551,7 @@ fn ingress(ctx: &TcContext) -> i32 {
     }
     let mut act = NEXT;
     if seg.payload_len > 0 {
-        act = client_data(ctx, &seg, &key, &mut conn, &cfg, now_ns);
+        act = client_data(ctx, &seg, &key, conn, &cfg, now_ns);
     }
     if seg.fin {
         conn.flags |= F_CLIENT_FIN;
@@ -562,13 +608,10 @@ fn egress(ctx: &TcContext) -> i32 {
         // The agent's reply to a denied client.
         return NEXT;
     }
-    let seg = match parse(ctx) {
+    let seg = match parse(ctx, Dir::Egress) {
         Some(s) => s,
         None => return NEXT,
     };
-    if !port_watched(seg.sport) {
-        return NEXT;
-    }
     let key = ConnKey {
         client_addr: seg.dst,
         server_addr: seg.src,
