@@ -148,13 +148,31 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
-    /// Size of the kernel's connection table (LRU; entries live until the greeting) [default: 65536]
+    /// Size of the kernel's connection table and of its half-open (SYN-ACK) table, each an LRU [default: 65536]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
     pub max_connections: Option<u32>,
+
+    /// Size of the kernel-to-agent event ring buffer in bytes (power of two, 4 KiB to 256 MiB; one verdict takes 168 bytes) [default: 1048576]
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring)]
+    pub event_buffer: Option<u32>,
 
     /// More diagnostics on stderr, including the kernel programs' debug messages
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+/// A ring buffer size: a power of two from one page (4 KiB) to 256 MiB.
+pub fn parse_ring(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    if !n.is_power_of_two() || !(4096..=(256 << 20)).contains(&n) {
+        return Err(format!(
+            "'{s}' must be a power of two from 4096 to 268435456"
+        ));
+    }
+    Ok(n)
 }
 
 /// The configuration file: every flag, by the same name with underscores.
@@ -178,6 +196,7 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub control_socket: Option<PathBuf>,
     pub max_connections: Option<i64>,
+    pub event_buffer: Option<i64>,
 }
 
 /// `pass_ttl = "1d"` or `pass_ttl = 86400` (seconds).
@@ -280,6 +299,7 @@ pub struct Settings {
     pub pass_ttl: Duration,
     pub state_dir: PathBuf,
     pub max_connections: u32,
+    pub event_buffer: u32,
     pub verbose: bool,
     pub policy_socket: Option<PathBuf>,
     pub policy_listen: Option<SocketAddr>,
@@ -392,6 +412,12 @@ impl Settings {
             (None, None) => crate::shared::DEFAULT_MAX_CONNS,
         };
 
+        let event_buffer = match (cli.event_buffer, f.event_buffer) {
+            (Some(n), _) => n,
+            (None, Some(n)) => parse_ring(&n.to_string()).map_err(|e| fe("event_buffer", &e))?,
+            (None, None) => crate::shared::DEFAULT_EVENTS_BYTES,
+        };
+
         Ok(Settings {
             config: cli.config.clone(),
             ifaces,
@@ -408,6 +434,7 @@ impl Settings {
                 .or(f.state_dir)
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             max_connections,
+            event_buffer,
             verbose: cli.verbose,
             policy_socket: cli.policy_socket.clone().or(f.policy_socket),
             policy_listen,
@@ -470,6 +497,9 @@ impl Settings {
         }
         if self.max_connections != new.max_connections {
             v.push("max_connections");
+        }
+        if self.event_buffer != new.event_buffer {
+            v.push("event_buffer");
         }
         if self.state_dir != new.state_dir {
             v.push("state_dir");

@@ -5,7 +5,7 @@
 use crate::config::{max_wait_for_retries, Settings};
 use crate::shared::{
     Config, Conn, ConnKey, CFG_ENFORCE, CFG_TRACK_EARLY, MAP_ALLOW, MAP_CONFIG, MAP_CONNS,
-    MAP_EVENTS, MAP_PASSED, MAP_PORTS, MAP_STATS, PORT_WORDS, STAT_NAMES, S_COUNT,
+    MAP_EVENTS, MAP_HANDSHAKES, MAP_PASSED, MAP_PORTS, MAP_STATS, PORT_WORDS, STAT_NAMES, S_COUNT,
 };
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -120,6 +120,9 @@ impl Guard {
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_CONNS, s.max_connections)
+            // One knob for both tables: half-open handshakes are bounded alike.
+            .map_max_entries(MAP_HANDSHAKES, s.max_connections)
+            .map_max_entries(MAP_EVENTS, s.event_buffer)
             .load(OBJECT)
             .context("loading the eBPF object failed")?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

@@ -508,6 +508,7 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
     };
 
     let mut ticks: u64 = 0;
+    let mut lost_seen: u64 = 0;
     let mut last_save = Instant::now();
     loop {
         tokio::select! {
@@ -538,6 +539,17 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
                 ctx.store.lock().expect("store lock").expire(Instant::now());
                 // Walking the maps costs a syscall per entry: every 5 s only.
                 ctx.refresh(&guard, ticks.is_multiple_of(10));
+                // Never silent: verdicts the kernel could not hand over.
+                let lost = guard
+                    .counters()
+                    .iter()
+                    .find(|(k, _)| *k == "events_lost")
+                    .map_or(0, |(_, v)| *v);
+                if lost > lost_seen {
+                    log::warn!("{} verdict events lost (ring buffer full)", lost - lost_seen);
+                    out.lost(lost - lost_seen, lost);
+                    lost_seen = lost;
+                }
                 if last_save.elapsed() >= SAVE_EVERY {
                     ctx.save_passes(&guard);
                     last_save = Instant::now();

@@ -120,6 +120,7 @@ pub fn config_json(s: &Settings) -> Value {
         "pass_ttl": s.pass_ttl.as_secs(),
         "state_dir": s.state_dir,
         "max_connections": s.max_connections,
+        "event_buffer": s.event_buffer,
         "policy_socket": s.policy_socket,
         "policy_listen": s.policy_listen.map(|a| a.to_string()),
         "milter_socket": s.milter_socket,
@@ -267,6 +268,17 @@ impl Out {
             "answer": answer,
         });
         self.emit(text, json);
+    }
+
+    /// The kernel could not hand over `lost` verdicts (ring buffer full).
+    pub fn lost(&self, lost: u64, total: u64) {
+        let text = format!(
+            "LOST {lost} verdict event(s): the event ring buffer was full ({total} lost since start; see --event-buffer)"
+        );
+        self.emit(
+            text,
+            json!({"event": "events_lost", "lost": lost, "total": total}),
+        );
     }
 
     /// One step of an enforcement failed (the others still ran).
