@@ -4,6 +4,8 @@
 //! binary attached to the server's veth. Everything is torn down on drop, and
 //! every wait is bounded.
 
+pub mod fuzz;
+
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
 use serde_json::Value;

@@ -17,6 +17,9 @@ const USAGE: &str = "usage: cargo xtask <command>
                  listening on port 25, runs the demo instead
   demo           a bot and a polite client in network namespaces, caught live
   test           setup, build, unit tests, then the privileged suite (root)
+  fuzz [--count N] [--seed S]
+                 differential fuzzing of the loaded kernel programs against
+                 the reference model (root; default 1,000,000 packets)
   bench          figures (per-packet cost, session rate, holds at scale) as a
                  table and target/bench.json (root; not part of the tests)
   install [--destdir DIR]
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("install") => install(&args[1..]),
         Some("bench") => require_root("bench").and_then(|()| bench()),
+        Some("fuzz") => require_root("fuzz").and_then(|()| fuzz(&args[1..])),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -346,6 +350,19 @@ fn bench() -> Result<()> {
         Command::new(root_dir().join("target/release/et-bench"))
             .env("EARLYTALKER_BIN", agent_bin()),
     )
+}
+
+fn fuzz(args: &[String]) -> Result<()> {
+    build()?;
+    status(cargo().current_dir(root_dir()).args([
+        "build",
+        "--release",
+        "-p",
+        "earlytalker-tests",
+        "--bin",
+        "et-fuzz",
+    ]))?;
+    status(Command::new(root_dir().join("target/release/et-fuzz")).args(args))
 }
 
 fn test(extra: &[String]) -> Result<()> {
