@@ -10,6 +10,9 @@
 //! a few loads. No payload is parsed: at most the first 64 client bytes are copied.
 #![no_std]
 #![no_main]
+// Atomic fetch-or on map values (BPF ISA v3); core exposes no atomic types here.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 #[allow(dead_code)] // the agent uses the rest of the shared definitions
 mod shared;
@@ -406,13 +409,19 @@ fn client_data(
     if seq_after(end, conn.client_end) {
         conn.client_end = end;
     }
-    if conn.flags & F_EARLY == 0 {
-        conn.flags |= F_EARLY;
+    // The early mark and, under enforcement, the deny are set in one atomic OR.
+    // (Only for a connection not yet early: one logged before a reload to deny
+    // stays logged rather than being silently cut off.)
+    let first = conn.flags & F_EARLY == 0;
+    let deny = if cfg.flags & CFG_ENFORCE != 0 && first {
+        F_DENY
+    } else {
+        0
+    };
+    set_flags(conn, F_EARLY | deny);
+    if first {
         conn.first_ns = now_ns;
         copy_payload(ctx, seg, conn);
-        if cfg.flags & CFG_ENFORCE != 0 {
-            conn.flags |= F_DENY;
-        }
         // An address that early-talks loses its pass.
         if PASSED.get_ptr(key.client_addr).is_some() {
             let _ = PASSED.remove(key.client_addr);
@@ -515,7 +524,7 @@ fn ingress(ctx: &TcContext) -> i32 {
             act = client_data(ctx, &seg, &key, conn, &cfg, now_ns);
         }
         if seg.fin {
-            conn.flags |= F_CLIENT_FIN;
+            set_flags(conn, F_CLIENT_FIN);
         }
         return act;
     }
@@ -565,10 +574,41 @@ fn ingress(ctx: &TcContext) -> i32 {
     act
 }
 
+/// Sets flag bits with an atomic OR: both directions may update one entry at
+/// once on different CPUs, and a plain `|=` could lose a bit (say F_DENY).
+/// The result is not used: this toolchain (LLVM 22 through bpf-linker) emits a
+/// non-fetching `lock |=` even where the old value is asked for, which the
+/// differential fuzzer caught; so no decision here relies on a fetched value.
+#[inline(always)]
+fn set_flags(conn: &mut Conn, bits: u32) {
+    // SAFETY: the map value is live for this program run and 4-byte aligned.
+    unsafe {
+        core::intrinsics::atomic_or::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            &raw mut conn.flags,
+            bits,
+        );
+    }
+}
+
+/// Marks `bit` as reported; true if it was not yet. Two CPUs racing on the same
+/// connection in the same instant may both see "not yet": the agent drops the
+/// duplicate by connection identity (4-tuple and handshake time).
+#[inline(always)]
+fn claim(conn: &mut Conn, bit: u32) -> bool {
+    if conn.flags & bit != 0 {
+        return false;
+    }
+    set_flags(conn, bit);
+    true
+}
+
 /// Final event for a connection's pre-greeting phase. Its entry is forgotten,
 /// unless defer-reject needs to hear when an early talker's connection ends.
 #[inline(always)]
 fn verdict(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64, cfg: &Config) {
+    if !claim(conn, F_REPORTED) {
+        return;
+    }
     let early = conn.flags & F_EARLY != 0;
     if reason == R_GREETING {
         if !early {
@@ -583,7 +623,7 @@ fn verdict(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64, cfg: &Confi
     }
     emit(EV_VERDICT, reason, key, conn, now_ns);
     if reason == R_GREETING && early && cfg.flags & CFG_TRACK_EARLY != 0 {
-        conn.flags |= F_GREETED;
+        set_flags(conn, F_GREETED);
     } else {
         let _ = CONNS.remove(key);
     }
@@ -591,7 +631,10 @@ fn verdict(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64, cfg: &Confi
 
 /// A tracked early talker's connection ended after its greeting.
 #[inline(always)]
-fn closed(key: &ConnKey, conn: &Conn, reason: u32, now_ns: u64) {
+fn closed(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64) {
+    if !claim(conn, F_CLOSED) {
+        return;
+    }
     emit(EV_CLOSED, reason, key, conn, now_ns);
     let _ = CONNS.remove(key);
 }
@@ -667,7 +710,7 @@ fn egress(ctx: &TcContext) -> i32 {
     if seg.payload_len > 0 {
         if now_ns < conn.release_ns {
             // Hold: TCP keeps the segment queued and retries every ~500 ms.
-            conn.flags |= F_HELD;
+            set_flags(conn, F_HELD);
             stat(S_HOLD_DROPS);
             return TC_ACT_SHOT;
         }

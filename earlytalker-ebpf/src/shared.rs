@@ -83,6 +83,10 @@ pub const F_GREETED: u32 = 1 << 5;
 
 /// Not held: the client's address passed recently (pass cache).
 pub const F_PASS_CACHED: u32 = 1 << 6;
+/// The pre-greeting verdict was emitted (claimed atomically: one per connection).
+pub const F_REPORTED: u32 = 1 << 7;
+/// The close of a tracked early talker was reported (claimed atomically).
+pub const F_CLOSED: u32 = 1 << 8;
 
 /// skb->mark of the agent's own reply segments, which egress lets through.
 pub const REPLY_MARK: u32 = 0x6574_616c; // "etal"

@@ -133,6 +133,41 @@ fn end_of(reason: u32) -> End {
     }
 }
 
+/// Drops a kernel record already seen for the same connection: two CPUs racing
+/// on one connection may both report it (see the kernel's `claim`). A connection
+/// is its 4-tuple plus the time of its handshake, so a reused client port is a
+/// different connection. Bounded: the race spans microseconds.
+pub struct Dedupe {
+    seen: std::collections::HashSet<(u32, ConnKey, u64)>,
+    order: std::collections::VecDeque<(u32, ConnKey, u64)>,
+    cap: usize,
+}
+
+impl Dedupe {
+    pub fn new(cap: usize) -> Self {
+        Dedupe {
+            seen: std::collections::HashSet::new(),
+            order: std::collections::VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// True the first time this (kind, connection) is seen.
+    pub fn first(&mut self, ev: &Event) -> bool {
+        let id = (ev.kind, ev.key, ev.conn.established_ns);
+        if !self.seen.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
 struct Pending {
     conn: Conn,
     /// Monotonic ns after which the agent stops waiting for the greeting.
@@ -144,9 +179,10 @@ pub struct Tracker {
     action: &'static str,
     grace_ns: u64,
     pending: HashMap<ConnKey, Pending>,
-    /// Connections already reported by the sweep, so a late kernel verdict is not
-    /// logged twice; value = monotonic ns when the entry may be forgotten.
-    reported: HashMap<ConnKey, u64>,
+    /// Connections (4-tuple, handshake time) already reported by the sweep, so a
+    /// late kernel verdict is not logged twice, while a new connection on a
+    /// reused port still is; value = monotonic ns when it may be forgotten.
+    reported: HashMap<(ConnKey, u64), u64>,
     /// Bound on both tables; the kernel's own table is bounded the same way.
     limit: usize,
 }
@@ -186,7 +222,11 @@ impl Tracker {
             }
             EV_VERDICT => {
                 self.pending.remove(&ev.key);
-                if self.reported.remove(&ev.key).is_some() {
+                if self
+                    .reported
+                    .remove(&(ev.key, ev.conn.established_ns))
+                    .is_some()
+                {
                     return None;
                 }
                 Some(verdict(
@@ -220,10 +260,15 @@ impl Tracker {
             let Some(p) = self.pending.remove(&key) else {
                 continue;
             };
-            let conn = lookup(&key).unwrap_or(p.conn);
+            // The kernel's entry, if it is still this connection's.
+            let conn = lookup(&key)
+                .filter(|c| c.established_ns == p.conn.established_ns)
+                .unwrap_or(p.conn);
             if self.reported.len() < self.limit {
-                self.reported
-                    .insert(key, now_ns.saturating_add(self.grace_ns * 10));
+                self.reported.insert(
+                    (key, p.conn.established_ns),
+                    now_ns.saturating_add(self.grace_ns * 10),
+                );
             }
             out.push(verdict(&key, &conn, End::NoGreeting, now_ns, self.action));
         }
@@ -239,7 +284,7 @@ impl Tracker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::shared::{F_EARLY, R_GREETING};
+    use crate::shared::{F_EARLY, R_CLIENT_RST, R_GREETING};
 
     pub(crate) fn key4(c: [u8; 4], cp: u16, s: [u8; 4], sp: u16) -> ConnKey {
         let mut ca = [0u8; 16];
@@ -368,6 +413,13 @@ pub(crate) mod tests {
         assert!(t
             .on_event(&ev(EV_VERDICT, R_GREETING, k, later, 8))
             .is_none());
+        // ...but a new connection on the same (reused) port is.
+        let mut reused = later;
+        reused.established_ns += 1_000;
+        t.on_event(&ev(EV_EARLY, 0, k, reused, 9));
+        assert!(t
+            .on_event(&ev(EV_VERDICT, R_GREETING, k, reused, 10))
+            .is_some());
         // A verdict in time is logged and clears the pending entry.
         let k2 = key4([10, 0, 0, 3], 40001, [10, 0, 0, 1], 25);
         t.on_event(&ev(EV_EARLY, 0, k2, c, 1));
@@ -376,6 +428,27 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(v.kind, Kind::EarlyTalker);
         assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn dedupe_by_connection_identity() {
+        let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
+        let c = conn(b"EHLO\r\n");
+        let mut d = Dedupe::new(2);
+        let v = ev(EV_VERDICT, R_CLIENT_RST, k, c, 5);
+        assert!(d.first(&v));
+        assert!(
+            !d.first(&v),
+            "the same connection's second verdict is dropped"
+        );
+        // Its early event is another kind: kept.
+        assert!(d.first(&ev(EV_EARLY, 0, k, c, 5)));
+        // The same port reused later is another connection.
+        let mut c2 = c;
+        c2.established_ns += 1;
+        assert!(d.first(&ev(EV_VERDICT, R_CLIENT_RST, k, c2, 9)));
+        // Bounded: the oldest identity is forgotten.
+        assert!(d.first(&v));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use actions::Enforcer;
 use anyhow::{Context, Result};
 use clap::{error::ErrorKind, CommandFactory, Parser};
 use config::{Cli, Command, RunArgs, Settings};
-use events::{client_of, server_of, End, Kind, Tracker};
+use events::{client_of, server_of, Dedupe, End, Kind, Tracker};
 use loader::{Features, Guard};
 use output::Out;
 use shared::{Event, EV_CLOSED, EV_EARLY, F_DENY};
@@ -187,6 +187,7 @@ fn agent(run: RunArgs) -> ExitCode {
     }
     let ctx = Ctx {
         out,
+        dedupe: Dedupe::new(65_536),
         store,
         enforcer,
         counts: Counts::default(),
@@ -252,6 +253,7 @@ impl Counts {
 
 struct Ctx {
     out: Out,
+    dedupe: Dedupe,
     store: Arc<Mutex<Store>>,
     enforcer: Option<Enforcer>,
     counts: Counts,
@@ -264,6 +266,10 @@ struct Ctx {
 impl Ctx {
     /// Acts on one kernel record.
     fn handle(&mut self, ev: &Event, tracker: &mut Tracker) {
+        // One early event (one reply) and one verdict per connection.
+        if !self.dedupe.first(ev) {
+            return;
+        }
         let client = client_of(&ev.key);
         match ev.kind {
             EV_EARLY => {

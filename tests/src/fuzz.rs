@@ -23,6 +23,8 @@ const F_HELD: u32 = 4;
 const F_CLIENT_FIN: u32 = 8;
 const F_DENY: u32 = 16;
 const F_GREETED: u32 = 32;
+const F_REPORTED: u32 = 128;
+const F_CLOSED: u32 = 256;
 const CFG_ENFORCE: u64 = 1;
 const CFG_TRACK_EARLY: u64 = 2;
 const EV_EARLY: u32 = 1;
@@ -298,12 +300,12 @@ impl Model {
         }
         if c.flags & F_EARLY == 0 {
             c.flags |= F_EARLY;
+            if self.enforce {
+                c.flags |= F_DENY;
+            }
             let n = (seg.payload_len as usize).min(PAYLOAD_MAX);
             if n > 0 && seg.payload_off + n <= p.len() {
                 c.payload = p[seg.payload_off..seg.payload_off + n].to_vec();
-            }
-            if self.enforce {
-                c.flags |= F_DENY;
             }
             self.emit(EV_EARLY, 0, key, c);
         }
@@ -315,6 +317,11 @@ impl Model {
     }
 
     fn verdict(&mut self, key: Key, mut c: ConnView, reason: u32) {
+        // Claimed once per connection.
+        if c.flags & F_REPORTED != 0 {
+            return;
+        }
+        c.flags |= F_REPORTED;
         self.emit(EV_VERDICT, reason, key, &c);
         if reason == R_GREETING && c.flags & F_EARLY != 0 && !self.enforce {
             c.flags |= F_GREETED;
@@ -325,7 +332,12 @@ impl Model {
     }
 
     fn closed(&mut self, key: Key, c: &ConnView, reason: u32) {
-        self.emit(EV_CLOSED, reason, key, c);
+        if c.flags & F_CLOSED != 0 {
+            return;
+        }
+        let mut c = c.clone();
+        c.flags |= F_CLOSED;
+        self.emit(EV_CLOSED, reason, key, &c);
         self.conns.remove(&key);
     }
 
@@ -660,7 +672,9 @@ fn packet(
 fn step(r: &mut Rng, flows: &mut [Flow]) -> (bool, Vec<u8>, u32) {
     let i = r.below(flows.len() as u64) as usize;
     let mut f = flows[i];
-    let data: Vec<u8> = (0..r.below(100)).map(|_| (r.next_u64() >> 56) as u8).collect();
+    let data: Vec<u8> = (0..r.below(100))
+        .map(|_| (r.next_u64() >> 56) as u8)
+        .collect();
     let out = match r.below(12) {
         0 => {
             // New connection: fresh ISNs; sometimes data in the SYN.
@@ -938,7 +952,9 @@ pub fn differential(object: &[u8], seed: u64, cases: u64) -> Result<Coverage> {
             }
             if ev != want_ev {
                 bail!(
-                    "events differ\nkernel {ev:?}\nmodel  {want_ev:?}\n{}",
+                    "events differ\nkernel {ev:?}\nmodel  {want_ev:?}\nkernel entries {:?}\nmodel entries  {:?}\n{}",
+                    k.conns()?,
+                    m.conns,
                     ctx()
                 );
             }
