@@ -32,6 +32,15 @@ pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
+/// Fails, saying how to run it, when not root: the privileged suite loads BPF
+/// programs and builds network namespaces.
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "the privileged suite needs root (BPF, network namespaces); run `cargo xtask test` as root"
+    );
+}
+
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(cmd)
         .args(args)
@@ -154,6 +163,21 @@ impl Lab {
 
     pub fn control_socket(&self) -> PathBuf {
         self.dir().join("control.sock")
+    }
+
+    /// One SMTP client session from the client namespace.
+    pub fn client(&self, server: SocketAddr, manner: Manner) -> Seen {
+        join(self.in_client(move || session(server, &manner)))
+            .and_then(|r| r)
+            .expect("client session")
+    }
+
+    /// A bot from the client namespace (see `bot_read_all`).
+    pub fn bot(&self, server: SocketAddr, data: &[u8], fin: bool) -> BotRun {
+        let d = data.to_vec();
+        join(self.in_client(move || bot_read_all(server, &d, fin)))
+            .and_then(|r| r)
+            .expect("bot session")
     }
 
     /// Number of TCX programs attached to the server's veth (ingress + egress).
@@ -647,6 +671,11 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends a signal (`ip netns exec` execs the agent: the child is the agent).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
     }
 
     /// SIGINT, then waits (bounded) for a clean exit and collects the last lines.

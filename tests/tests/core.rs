@@ -11,22 +11,8 @@ use std::{
 const PORT: u16 = 25;
 const VERDICT_WAIT: Duration = Duration::from_secs(10);
 
-fn require_root() {
-    assert!(
-        is_root(),
-        "the privileged suite needs root (BPF, network namespaces); run `cargo xtask test` as root"
-    );
-}
-
 fn addr(lab: &Lab, v6: bool, port: u16) -> SocketAddr {
     SocketAddr::new(lab.server_addr(v6), port)
-}
-
-/// One client session from the client namespace.
-fn client(lab: &Lab, server: SocketAddr, manner: Manner) -> Seen {
-    join(lab.in_client(move || session(server, &manner)))
-        .and_then(|r| r)
-        .expect("client session")
 }
 
 fn bot() -> Manner {
@@ -62,7 +48,7 @@ fn assert_early_bot(agent: &mut Agent, seen: &Seen, server: SocketAddr) {
 #[test]
 fn t01_polite_client_passes() {
     let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1"], Duration::ZERO);
-    let seen = client(&lab, addr(&lab, false, PORT), Manner::Polite);
+    let seen = lab.client(addr(&lab, false, PORT), Manner::Polite);
     assert!(seen.greeting.starts_with("220 "), "{}", seen.greeting);
     let v = agent.verdict_for(seen.local_port, VERDICT_WAIT).unwrap();
     assert_eq!(v["event"], "pass", "{v}");
@@ -78,7 +64,7 @@ fn t01_polite_client_passes() {
 fn t02_bot_talking_at_once_is_caught() {
     let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1"], Duration::ZERO);
     let server = addr(&lab, false, PORT);
-    let seen = client(&lab, server, bot());
+    let seen = lab.client(server, bot());
     // log mode: the bot still gets the real greeting, after the hold.
     assert!(seen.greeting.starts_with("220 lab.example"));
     assert_early_bot(&mut agent, &seen, server);
@@ -87,8 +73,7 @@ fn t02_bot_talking_at_once_is_caught() {
 #[test]
 fn t03_talking_in_the_middle_of_the_hold_is_caught() {
     let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1.5"], Duration::ZERO);
-    let seen = client(
-        &lab,
+    let seen = lab.client(
         addr(&lab, false, PORT),
         Manner::Midway(Duration::from_millis(600), b"HELO x\r\n".to_vec()),
     );
@@ -117,9 +102,9 @@ fn t05_wait_zero_catches_the_natural_race() {
     // No hold at all: the responder itself greets 300 ms late.
     let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "0"], Duration::from_millis(300));
     let server = addr(&lab, false, PORT);
-    let seen = client(&lab, server, bot());
+    let seen = lab.client(server, bot());
     assert_early_bot(&mut agent, &seen, server);
-    let polite = client(&lab, server, Manner::Polite);
+    let polite = lab.client(server, Manner::Polite);
     assert_eq!(
         agent.verdict_for(polite.local_port, VERDICT_WAIT).unwrap()["event"],
         "pass"
@@ -130,9 +115,9 @@ fn t05_wait_zero_catches_the_natural_race() {
 fn t06_ipv6() {
     let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "0.5"], Duration::ZERO);
     let server = addr(&lab, true, PORT);
-    let seen = client(&lab, server, bot());
+    let seen = lab.client(server, bot());
     assert_early_bot(&mut agent, &seen, server);
-    let polite = client(&lab, server, Manner::Polite);
+    let polite = lab.client(server, Manner::Polite);
     let v = agent.verdict_for(polite.local_port, VERDICT_WAIT).unwrap();
     assert_eq!(v["event"], "pass");
     assert_eq!(v["client"], format!("[{CLIENT_V6}]:{}", polite.local_port));
@@ -146,7 +131,7 @@ fn t07_unmonitored_port_is_left_alone() {
     let _r = Responder::start(&lab, 2525, Duration::ZERO).unwrap();
     let mut agent = Agent::start(&lab, &["-a", "log", "-w", "3", "-p", "25"]).unwrap();
     for manner in [Manner::Polite, bot()] {
-        let seen = client(&lab, addr(&lab, false, 2525), manner);
+        let seen = lab.client(addr(&lab, false, 2525), manner);
         assert!(
             seen.greeting_after < Duration::from_millis(300),
             "greeting delayed {:?} on an unmonitored port",
@@ -219,7 +204,7 @@ fn t09_hold_timing() {
         let w = wait.to_string();
         let mut agent = Agent::start(&lab, &["-a", "log", "-w", &w]).unwrap();
         for _ in 0..3 {
-            let seen = client(&lab, addr(&lab, false, PORT), Manner::Polite);
+            let seen = lab.client(addr(&lab, false, PORT), Manner::Polite);
             let got = seen.greeting_after.as_secs_f64();
             assert!(
                 got >= wait && got <= wait + 0.75,
@@ -249,7 +234,7 @@ fn t10_integrity_of_delivered_bytes() {
     // An early talker's bytes, in log mode, arrive unchanged too.
     let mut early = b"EHLO bot\r\nMAIL FROM:<a@b>\r\n".to_vec();
     early.extend(pattern(3000, 7));
-    let seen = client(&lab, server, Manner::Bot(early.clone()));
+    let seen = lab.client(server, Manner::Bot(early.clone()));
     let s = resp
         .wait_closed(seen.local_port, Duration::from_secs(10))
         .unwrap();
@@ -326,7 +311,7 @@ fn t12_sigkill_fails_open() {
         0,
         "programs left attached after SIGKILL"
     );
-    let fresh = client(&lab, server, Manner::Polite);
+    let fresh = lab.client(server, Manner::Polite);
     assert!(
         fresh.greeting_after < Duration::from_millis(300),
         "{:?}",

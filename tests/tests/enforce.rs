@@ -11,26 +11,12 @@ use std::{
 const PORT: u16 = 25;
 const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
 
-fn require_root() {
-    assert!(
-        is_root(),
-        "the privileged suite needs root; run `cargo xtask test` as root"
-    );
-}
-
 fn setup(args: &[&str], greet: Duration) -> (Lab, Responder, Agent) {
     require_root();
     let lab = Lab::new().expect("lab");
     let resp = Responder::start(&lab, PORT, greet).expect("responder");
     let agent = Agent::start(&lab, args).expect("agent");
     (lab, resp, agent)
-}
-
-fn bot_run(lab: &Lab, server: SocketAddr, data: &[u8], fin: bool) -> BotRun {
-    let d = data.to_vec();
-    join(lab.in_client(move || bot_read_all(server, &d, fin)))
-        .unwrap()
-        .unwrap()
 }
 
 /// The bot got exactly one reply line with `code`, then the connection closed;
@@ -95,7 +81,7 @@ fn assert_rejected(
 fn deny_case(v6: bool, action: &str, code: &str) {
     let (lab, resp, mut agent) = setup(&["-a", action, "-w", "1"], Duration::ZERO);
     let server = SocketAddr::new(lab.server_addr(v6), PORT);
-    let run = bot_run(&lab, server, b"EHLO bot\r\n", false);
+    let run = lab.bot(server, b"EHLO bot\r\n", false);
     assert_rejected(&lab, &resp, &mut agent, &run, code, 1.0, action);
     // A polite client right after is untouched.
     let seen = join(lab.in_client(move || session(server, &Manner::Polite)))
@@ -135,7 +121,7 @@ fn e03_pipelining_bot_delivers_nothing() {
     msg.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
     // Sent at once and followed by FIN: the kernel must drop all of it, and the
     // bot's retransmissions, and the FIN.
-    let run = bot_run(&lab, server, &msg, true);
+    let run = lab.bot(server, &msg, true);
     assert_rejected(&lab, &resp, &mut agent, &run, "554 5.7.1", 2.0, "deny");
     // Give retransmissions time to arrive; still nothing.
     std::thread::sleep(Duration::from_millis(1500));
@@ -300,7 +286,7 @@ fn e07_server_that_never_greets() {
     // the silent MTA's socket is torn down.
     let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "1"], NEVER);
     let server = SocketAddr::new(lab.server_addr(false), PORT);
-    let run = bot_run(&lab, server, b"EHLO bot\r\n", false);
+    let run = lab.bot(server, b"EHLO bot\r\n", false);
     assert_rejected(&lab, &resp, &mut agent, &run, "554 5.7.1", 1.0, "deny");
     let s = resp
         .wait_closed(run.local_port, Duration::from_secs(2))

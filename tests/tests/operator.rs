@@ -13,33 +13,8 @@ use std::{
 const PORT: u16 = 25;
 const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
 
-fn require_root() {
-    assert!(
-        is_root(),
-        "the privileged suite needs root; run `cargo xtask test` as root"
-    );
-}
-
 fn server(lab: &Lab) -> SocketAddr {
     SocketAddr::new(lab.server_addr(false), PORT)
-}
-
-fn polite(lab: &Lab) -> Seen {
-    let s = server(lab);
-    join(lab.in_client(move || session(s, &Manner::Polite)))
-        .unwrap()
-        .unwrap()
-}
-
-fn bot_run(lab: &Lab) -> BotRun {
-    let s = server(lab);
-    join(lab.in_client(move || bot_read_all(s, b"EHLO bot\r\n", false)))
-        .unwrap()
-        .unwrap()
-}
-
-fn signal(agent: &Agent, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid() as i32), sig).unwrap();
 }
 
 #[test]
@@ -103,13 +78,13 @@ fn o2_pass_cache_holds_a_polite_client_once_and_survives_restart() {
     let _resp = Responder::start(&lab, PORT, Duration::from_millis(300)).unwrap();
     let args = ["-a", "log", "-w", "1", "--pass-ttl", "1h"];
     let mut agent = Agent::start(&lab, &args).unwrap();
-    let first = polite(&lab);
+    let first = lab.client(server(&lab), Manner::Polite);
     assert!(
         first.greeting_after >= Duration::from_millis(1000),
         "{:?}",
         first.greeting_after
     );
-    let second = polite(&lab);
+    let second = lab.client(server(&lab), Manner::Polite);
     assert!(
         second.greeting_after < Duration::from_millis(800),
         "held again despite the pass cache: {:?}",
@@ -120,7 +95,7 @@ fn o2_pass_cache_holds_a_polite_client_once_and_survives_restart() {
 
     // A restart keeps the pass (saved in the state directory).
     let mut agent = Agent::start(&lab, &args).unwrap();
-    let third = polite(&lab);
+    let third = lab.client(server(&lab), Manner::Polite);
     assert!(
         third.greeting_after < Duration::from_millis(800),
         "{:?}",
@@ -137,7 +112,7 @@ fn o2_pass_cache_holds_a_polite_client_once_and_survives_restart() {
             .unwrap()["event"],
         "early_talker"
     );
-    let fourth = polite(&lab);
+    let fourth = lab.client(server(&lab), Manner::Polite);
     assert!(
         fourth.greeting_after >= Duration::from_millis(1000),
         "{:?}",
@@ -163,7 +138,7 @@ fn o3_reload_changes_the_action_live() {
     let in_flight = lab.in_client(move || session(s, &Manner::Polite));
     std::thread::sleep(Duration::from_millis(500));
     std::fs::write(&conf, "action = \"deny\"\nwait = 1.0\n").unwrap();
-    signal(&agent, nix::sys::signal::Signal::SIGHUP);
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
     let r = agent
         .wait_for(Duration::from_secs(5), |v| v["event"] == "reloaded")
         .unwrap();
@@ -189,7 +164,7 @@ fn o3_reload_changes_the_action_live() {
     );
 
     // The new action applies to the next bot.
-    let b = bot_run(&lab);
+    let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
     assert_eq!(
         String::from_utf8_lossy(&b.received),
         format!("554 5.7.1 {TEXT}\r\n")
@@ -200,12 +175,12 @@ fn o3_reload_changes_the_action_live() {
 
     // An invalid file is refused whole; the old configuration stays.
     std::fs::write(&conf, "action = \"log\"\nwait = -5.0\n").unwrap();
-    signal(&agent, nix::sys::signal::Signal::SIGHUP);
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
     let r = agent
         .wait_for(Duration::from_secs(5), |v| v["event"] == "reload_refused")
         .unwrap();
     assert!(r["error"].as_str().unwrap().contains("wait"), "{r}");
-    let b = bot_run(&lab);
+    let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
     assert_eq!(
         String::from_utf8_lossy(&b.received),
         format!("554 5.7.1 {TEXT}\r\n")
@@ -246,8 +221,8 @@ fn o4_metrics_and_status_show_what_happened() {
         ],
     )
     .unwrap();
-    let p = polite(&lab);
-    let b = bot_run(&lab);
+    let p = lab.client(server(&lab), Manner::Polite);
+    let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
     agent
         .verdict_for(p.local_port, Duration::from_secs(5))
         .unwrap();
@@ -393,18 +368,18 @@ fn o6_least_privilege_after_attach() {
     assert_eq!(mode(&policy), 0o660);
     assert_eq!(mode(&lab.control_socket()), 0o600);
     // Still fully working without the rest: enforcement (raw reply + SOCK_DESTROY)...
-    let b = bot_run(&lab);
+    let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
     assert_eq!(
         String::from_utf8_lossy(&b.received),
         format!("554 5.7.1 {TEXT}\r\n")
     );
     // ...reload (map updates through held fds), metrics and the pass cache save.
     std::fs::write(&conf, "action = \"denysoft\"\nwait = 0.5\n").unwrap();
-    signal(&agent, nix::sys::signal::Signal::SIGHUP);
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
     agent
         .wait_for(Duration::from_secs(5), |v| v["event"] == "reloaded")
         .unwrap();
-    let b = bot_run(&lab);
+    let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
     assert_eq!(
         String::from_utf8_lossy(&b.received),
         format!("421 4.7.1 {TEXT}\r\n")

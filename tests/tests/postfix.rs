@@ -14,13 +14,6 @@ const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
 const POLICY: &str = "127.0.0.1:10040";
 const MILTER: &str = "127.0.0.1:10041";
 
-fn require_root() {
-    assert!(
-        is_root(),
-        "the privileged suite needs root; run `cargo xtask test` as root"
-    );
-}
-
 struct Rig {
     lab: Lab,
     agent: Agent,

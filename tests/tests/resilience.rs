@@ -10,17 +10,6 @@ use std::{
 const PORT: u16 = 25;
 const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
 
-fn require_root() {
-    assert!(
-        is_root(),
-        "the privileged suite needs root; run `cargo xtask test` as root"
-    );
-}
-
-fn signal(agent: &Agent, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid() as i32), sig).unwrap();
-}
-
 #[test]
 fn r1_full_ring_buffer_counts_and_logs_losses_and_mail_flows() {
     require_root();
@@ -29,7 +18,7 @@ fn r1_full_ring_buffer_counts_and_logs_losses_and_mail_flows() {
     // 4 KiB holds about 23 records.
     let mut agent =
         Agent::start(&lab, &["-a", "log", "-w", "0", "--event-buffer", "4096"]).unwrap();
-    signal(&agent, nix::sys::signal::Signal::SIGSTOP);
+    agent.signal(nix::sys::signal::Signal::SIGSTOP);
     let s = SocketAddr::new(lab.server_addr(false), PORT);
     let mut done = 0;
     for _ in 0..8 {
@@ -44,7 +33,7 @@ fn r1_full_ring_buffer_counts_and_logs_losses_and_mail_flows() {
             done += 1;
         }
     }
-    signal(&agent, nix::sys::signal::Signal::SIGCONT);
+    agent.signal(nix::sys::signal::Signal::SIGCONT);
     let lost = agent
         .wait_for(Duration::from_secs(5), |v| v["event"] == "events_lost")
         .unwrap();
