@@ -310,11 +310,7 @@ impl Ctx {
                 .update_bytes(&v.client, v.bytes);
         }
         self.out.verdict(v);
-        let mut j = output::json_value(v);
-        j["ts"] = humantime::format_rfc3339_millis(SystemTime::now())
-            .to_string()
-            .into();
-        self.snap.lock().expect("snapshot lock").push_recent(j);
+        self.snap.lock().expect("snapshot lock").push_recent(v);
     }
 
     /// deny/denysoft: reply in place of the greeting, tear the MTA's socket down.
@@ -545,11 +541,15 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
                 ctx.store.lock().expect("store lock").expire(Instant::now());
                 // Walking the maps costs a syscall per entry: every 5 s only.
                 ctx.refresh(&guard, ticks.is_multiple_of(10));
-                // Never silent: verdicts the kernel could not hand over.
-                let lost = guard
-                    .counters()
+                // Never silent: verdicts the kernel could not hand over
+                // (counted by the kernel, just read into the snapshot).
+                let lost = ctx
+                    .snap
+                    .lock()
+                    .expect("snapshot lock")
+                    .counters
                     .iter()
-                    .find(|(k, _)| *k == "events_lost")
+                    .find(|(k, _)| k == "events_lost")
                     .map_or(0, |(_, v)| *v);
                 if lost > lost_seen {
                     log::warn!("{} verdict events lost (ring buffer full)", lost - lost_seen);

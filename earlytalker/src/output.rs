@@ -149,17 +149,19 @@ impl Out {
         Out { format }
     }
 
-    /// Formats a line into the pending batch; `flush` writes the batch out.
+    /// Formats a line and writes it out at once (with anything pending).
     fn emit(&self, text: String, json: Value) {
-        self.push(text, json);
+        self.push(|| text, || json);
         self.flush();
     }
 
-    fn push(&self, text: String, mut json: Value) {
+    /// Formats a line into the pending batch; only the configured format is built.
+    fn push(&self, text: impl FnOnce() -> String, json: impl FnOnce() -> Value) {
         let ts = timestamp();
         let line = match self.format {
-            LogFormat::Text => format!("{ts} {text}"),
+            LogFormat::Text => format!("{ts} {}", text()),
             LogFormat::Json => {
+                let mut json = json();
                 if let Value::Object(m) = &mut json {
                     m.insert("ts".into(), Value::String(ts));
                 }
@@ -186,7 +188,7 @@ impl Out {
 
     /// Buffered: the caller flushes after the batch.
     pub fn verdict(&self, v: &Verdict) {
-        self.push(text(v), json_value(v));
+        self.push(|| text(v), || json_value(v));
     }
 
     /// One start-up line: settings in force, kernel features found, limits.

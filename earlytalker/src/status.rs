@@ -1,6 +1,7 @@
 //! What the running agent knows about itself, refreshed by its event loop and
 //! read by the control socket (`earlytalker status`) and the metrics endpoint.
 
+use crate::events::Verdict;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::{
@@ -9,7 +10,7 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -26,7 +27,8 @@ pub struct Snapshot {
     /// Early talkers by what was done to them.
     pub by_action: Vec<(&'static str, u64)>,
     pub config: Value,
-    pub recent: VecDeque<Value>,
+    /// The last verdicts, rendered only when asked for.
+    pub recent: VecDeque<(SystemTime, Verdict)>,
     pub conns: u64,
     pub conns_capacity: u64,
     pub held_now: u64,
@@ -40,11 +42,11 @@ pub struct Snapshot {
 pub type Shared = Arc<Mutex<Snapshot>>;
 
 impl Snapshot {
-    pub fn push_recent(&mut self, v: Value) {
+    pub fn push_recent(&mut self, v: &Verdict) {
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back(v);
+        self.recent.push_back((SystemTime::now(), v.clone()));
     }
 
     pub fn to_json(&self) -> Value {
@@ -65,7 +67,11 @@ impl Snapshot {
             "allowlist_entries": self.allow,
             "verdict_store_entries": self.verdict_store,
             "started_unix": self.started_unix,
-            "recent_verdicts": self.recent,
+            "recent_verdicts": self.recent.iter().map(|(t, v)| {
+                let mut j = crate::output::json_value(v);
+                j["ts"] = humantime::format_rfc3339_millis(*t).to_string().into();
+                j
+            }).collect::<Vec<_>>(),
         })
     }
 }
@@ -207,12 +213,26 @@ mod tests {
 
     #[test]
     fn recent_is_bounded_and_rendered() {
+        use crate::events::{
+            tests::{conn, key4},
+            verdict, End,
+        };
         let mut s = Snapshot::default();
         for i in 0..30 {
-            s.push_recent(json!({"event": "pass", "client": format!("10.0.0.2:{i}")}));
+            let k = key4([10, 0, 0, 2], i, [10, 0, 0, 1], 25);
+            s.push_recent(&verdict(
+                &k,
+                &conn(b""),
+                End::Greeting,
+                2_000_000_000,
+                "log",
+            ));
         }
         assert_eq!(s.recent.len(), RECENT);
-        assert_eq!(s.recent[0]["client"], "10.0.0.2:10");
+        let j = s.to_json();
+        assert_eq!(j["recent_verdicts"][0]["client"], "10.0.0.2:10");
+        assert_eq!(j["recent_verdicts"][0]["event"], "pass");
+        assert!(j["recent_verdicts"][0]["ts"].is_string());
         s.config = json!({"interfaces": ["eth0"], "ports": [25], "wait": 1.0, "action": "deny", "defer_reject": false, "pass_ttl": 86400});
         s.counters = vec![("early_talkers".into(), 3)];
         let text = render(&s.to_json());
