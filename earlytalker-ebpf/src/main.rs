@@ -423,9 +423,7 @@ fn client_data(
         conn.first_ns = now_ns;
         copy_payload(ctx, seg, conn);
         // An address that early-talks loses its pass.
-        if PASSED.get_ptr(key.client_addr).is_some() {
-            let _ = PASSED.remove(key.client_addr);
-        }
+        let _ = PASSED.remove(key.client_addr);
         stat(S_EARLY);
         emit(EV_EARLY, 0, key, conn, now_ns);
     }
@@ -462,9 +460,7 @@ fn ingress(ctx: &TcContext) -> i32 {
         }
         if seg.payload_len == 0 {
             // A new connection on this 4-tuple: forget any stale (e.g. denied) one.
-            if CONNS.get_ptr(key).is_some() {
-                let _ = CONNS.remove(key);
-            }
+            let _ = CONNS.remove(key);
             return NEXT;
         }
         if allowlisted(&key.client_addr) {

@@ -192,6 +192,15 @@ impl Guard {
         m.iter().filter_map(Result::ok).collect()
     }
 
+    /// Pass-cache size: keys only (one syscall each), no values.
+    pub fn passed_count(&self) -> u64 {
+        let Some(map) = self.ebpf.map(MAP_PASSED) else {
+            return 0;
+        };
+        HashMap::<_, [u8; 16], u64>::try_from(map)
+            .map_or(0, |m| m.keys().filter(Result::is_ok).count() as u64)
+    }
+
     pub fn restore_passed(&mut self, entries: &[([u8; 16], u64)]) -> Result<usize> {
         let mut m: HashMap<_, [u8; 16], u64> = HashMap::try_from(
             self.ebpf

@@ -380,8 +380,9 @@ impl Ctx {
         }
     }
 
-    /// Refreshes what status and metrics show; `full` also walks the maps.
-    fn refresh(&mut self, guard: &Guard, full: bool) {
+    /// Refreshes what status and metrics show; `conns` also walks the connection
+    /// table, `passes` counts the pass cache (both a syscall per entry).
+    fn refresh(&mut self, guard: &Guard, conns: bool, passes: bool) {
         let mut counters: Vec<(String, u64)> = guard
             .counters()
             .into_iter()
@@ -397,14 +398,16 @@ impl Ctx {
         snap.conns_capacity = u64::from(self.s.max_connections);
         snap.passed_capacity = u64::from(shared::DEFAULT_MAX_PASSED);
         snap.verdict_store = store_len as u64;
-        if full {
-            drop(snap);
+        drop(snap);
+        if conns {
             let (n, held) = guard.conn_fill(monotonic_ns());
-            let passed = guard.passed().len() as u64;
             let mut snap = self.snap.lock().expect("snapshot lock");
             snap.conns = n;
             snap.held_now = held;
-            snap.passed = passed;
+        }
+        if passes {
+            let n = guard.passed_count();
+            self.snap.lock().expect("snapshot lock").passed = n;
         }
     }
 
@@ -488,7 +491,7 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
     ctx.snap.lock().expect("snapshot lock").started_unix = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    ctx.refresh(&guard, true);
+    ctx.refresh(&guard, true, true);
     out.started(&ctx.s, &f);
     log::info!(
         "watching {} on port(s) {:?}; greeting held {} s (this kernel allows up to {} s)",
@@ -539,8 +542,10 @@ async fn event_loop(mut guard: Guard, f: Features, mut ctx: Ctx) -> Result<()> {
                 }
                 out.flush();
                 ctx.store.lock().expect("store lock").expire(Instant::now());
-                // Walking the maps costs a syscall per entry: every 5 s only.
-                ctx.refresh(&guard, ticks.is_multiple_of(10));
+                // Walking a map costs a syscall per entry: the connection table
+                // (small: pre-greeting entries) every 5 s, the pass cache (up
+                // to 131,072 addresses) every 30 s.
+                ctx.refresh(&guard, ticks.is_multiple_of(10), ticks.is_multiple_of(60));
                 // Never silent: verdicts the kernel could not hand over
                 // (counted by the kernel, just read into the snapshot).
                 let lost = ctx
