@@ -682,6 +682,10 @@ fn egress(ctx: &TcContext) -> i32 {
         return NEXT;
     }
 
+    // The MTA's bare ACKs (half of its segments during DATA) need no state.
+    if seg.payload_len == 0 && !seg.fin && !seg.rst {
+        return NEXT;
+    }
     let conn = match CONNS.get_ptr_mut(key) {
         // SAFETY: as in ingress.
         Some(c) => unsafe { &mut *c },

@@ -460,6 +460,10 @@ impl Model {
             }
             return NEXT;
         }
+        // Bare ACKs from the server carry nothing to act on.
+        if seg.payload_len == 0 && !seg.fin && !seg.rst {
+            return NEXT;
+        }
         let Some(mut c) = self.conns.get(&key).cloned() else {
             return NEXT;
         };
