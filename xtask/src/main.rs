@@ -144,22 +144,29 @@ fn setup() -> Result<()> {
     let can_install = is_root() && Path::new("/etc/debian_version").exists();
     let mut todo: Vec<String> = Vec::new();
 
-    let src = output(
+    // rust-src builds core for the BPF target; rustfmt and clippy check the kernel
+    // crate in CI (.ci/run).
+    let installed = output(
         "rustup",
         &["component", "list", "--toolchain", "nightly", "--installed"],
     )
     .unwrap_or_default();
-    if !src.lines().any(|l| l.starts_with("rust-src")) {
+    for component in ["rust-src", "rustfmt", "clippy"] {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            continue;
+        }
         if can_install {
             status(Command::new("rustup").args([
                 "component",
                 "add",
-                "rust-src",
+                component,
                 "--toolchain",
                 "nightly",
             ]))?;
         } else {
-            todo.push("rustup component add rust-src --toolchain nightly".into());
+            todo.push(format!(
+                "rustup component add {component} --toolchain nightly"
+            ));
         }
     }
 
@@ -226,7 +233,7 @@ fn setup() -> Result<()> {
         }
         bail!("setup incomplete");
     }
-    println!("setup: nightly rust-src, LLVM {major} and bpf-linker are in place");
+    println!("setup: nightly rust-src/rustfmt/clippy, LLVM {major} and bpf-linker are in place");
     Ok(())
 }
 
