@@ -19,7 +19,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Instant,
 };
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 /// The milter's answer for an early talker with `action`, or None to continue.
@@ -157,10 +157,7 @@ pub async fn start(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     if let Some(path) = unix {
-        crate::policy::claim_socket(&path)?;
-        let l = UnixListener::bind(&path)
-            .with_context(|| format!("milter socket {}", path.display()))?;
-        crate::policy::socket_permissions(&path, group.as_deref())?;
+        let l = crate::policy::bind_unix(&path, group.as_deref(), "milter")?;
         let store = store.clone();
         tokio::spawn(async move {
             loop {

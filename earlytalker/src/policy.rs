@@ -217,6 +217,21 @@ pub fn socket_permissions(path: &std::path::Path, group: Option<&str>) -> anyhow
         .with_context(|| format!("chmod 0660 {}", path.display()))
 }
 
+/// Binds a unix socket for an MTA-facing service: frees a stale path (never a
+/// live one), binds, then mode 0660 and the MTA's group.
+pub fn bind_unix(
+    path: &std::path::Path,
+    group: Option<&str>,
+    what: &str,
+) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    claim_socket(path)?;
+    let l =
+        UnixListener::bind(path).with_context(|| format!("{what} socket {}", path.display()))?;
+    socket_permissions(path, group)?;
+    Ok(l)
+}
+
 /// Starts the configured listeners; they run until the runtime stops.
 pub async fn start(
     unix: Option<PathBuf>,
@@ -228,10 +243,7 @@ pub async fn start(
     use anyhow::Context;
     let peers = Arc::new(Semaphore::new(MAX_PEERS));
     if let Some(path) = unix {
-        claim_socket(&path)?;
-        let l = UnixListener::bind(&path)
-            .with_context(|| format!("policy socket {}", path.display()))?;
-        socket_permissions(&path, group.as_deref())?;
+        let l = bind_unix(&path, group.as_deref(), "policy")?;
         let (store, out, peers) = (store.clone(), out, peers.clone());
         tokio::spawn(async move {
             loop {

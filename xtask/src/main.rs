@@ -343,7 +343,8 @@ fn install(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
+/// Builds the agent, then one of the tests crate's binaries; returns its path.
+fn build_test_bin(name: &str) -> Result<PathBuf> {
     build()?;
     status(cargo().current_dir(root_dir()).args([
         "build",
@@ -351,25 +352,19 @@ fn bench() -> Result<()> {
         "-p",
         "earlytalker-tests",
         "--bin",
-        "et-bench",
+        name,
     ]))?;
-    status(
-        Command::new(root_dir().join("target/release/et-bench"))
-            .env("EARLYTALKER_BIN", agent_bin()),
-    )
+    Ok(root_dir().join("target/release").join(name))
+}
+
+fn bench() -> Result<()> {
+    let bin = build_test_bin("et-bench")?;
+    status(Command::new(bin).env("EARLYTALKER_BIN", agent_bin()))
 }
 
 fn fuzz(args: &[String]) -> Result<()> {
-    build()?;
-    status(cargo().current_dir(root_dir()).args([
-        "build",
-        "--release",
-        "-p",
-        "earlytalker-tests",
-        "--bin",
-        "et-fuzz",
-    ]))?;
-    status(Command::new(root_dir().join("target/release/et-fuzz")).args(args))
+    let bin = build_test_bin("et-fuzz")?;
+    status(Command::new(bin).args(args))
 }
 
 fn test(extra: &[String]) -> Result<()> {
