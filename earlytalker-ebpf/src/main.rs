@@ -19,9 +19,10 @@ mod shared;
 
 use aya_ebpf::{
     bindings::{
-        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_sock, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_SHOT,
+        TC_ACT_UNSPEC,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_tcp_sock},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -82,10 +83,11 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const VLAN_HLEN: usize = 4;
 
-/// A parsed TCP segment; ports in host order, addresses as in ConnKey.
+/// A parsed TCP segment; ports in host order, addresses as in ConnKey (kept as
+/// words: byte arrays merged across the IPv4/IPv6 paths compile to per-byte moves).
 struct Seg {
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: [u32; 4],
+    dst: [u32; 4],
     sport: u16,
     dport: u16,
     seq: u32,
@@ -150,12 +152,24 @@ enum Dir {
     Egress,
 }
 
-/// IPv4 address as IPv4-mapped IPv6, built in place (no memset call).
+/// IPv4 address (as in the packet) to IPv4-mapped IPv6 (`::ffff:a.b.c.d`), as words.
 #[inline(always)]
-fn mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+fn mapped(a: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), a]
+}
+
+/// Address words back to the bytes ConnKey stores: the same 16 bytes in memory.
+#[inline(always)]
+fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern is valid for both.
+    unsafe { core::mem::transmute(w) }
+}
+
+/// An unaligned word load from the packet (bounds checked by the caller's ptr_at).
+#[inline(always)]
+fn load<T: Copy>(p: *const T) -> T {
+    // SAFETY: the caller checked the bounds; the kernel allows unaligned packet loads.
+    unsafe { core::ptr::read_unaligned(p) }
 }
 
 /// Bounded L2/L3/L4 parse. Returns None for anything that is not a TCP segment we
@@ -267,12 +281,22 @@ fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
     }
     let (src, dst) = if v6 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, ip_off)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { ((*ip).src_addr, (*ip).dst_addr) }
+        // SAFETY: bounds checked by ptr_at; only field addresses are taken here.
+        unsafe {
+            (
+                load((&raw const (*ip).src_addr).cast::<[u32; 4]>()),
+                load((&raw const (*ip).dst_addr).cast::<[u32; 4]>()),
+            )
+        }
     } else {
         let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { (mapped((*ip).src_addr), mapped((*ip).dst_addr)) }
+        // SAFETY: as above.
+        unsafe {
+            (
+                mapped(load((&raw const (*ip).src_addr).cast::<u32>())),
+                mapped(load((&raw const (*ip).dst_addr).cast::<u32>())),
+            )
+        }
     };
     Some(Seg {
         src,
@@ -294,6 +318,20 @@ fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
 #[inline(always)]
 fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
+}
+
+/// Whether this TCP socket's session is under way: the client acknowledged payload
+/// (a passive open's bytes_acked counts no SYN) and the MTA received some. Both
+/// hold only once a greeting went out and the client answered it: a denied
+/// client never gets a byte to the MTA, even if its ACK of our reply is taken
+/// by the MTA's socket for an ACK of the held greeting.
+#[inline(always)]
+fn session_under_way(sk: *mut bpf_sock) -> bool {
+    // SAFETY: sk is the socket the kernel attached to this skb; bpf_tcp_sock
+    // returns NULL unless it is a full TCP socket.
+    let tp = unsafe { bpf_tcp_sock(sk) };
+    // SAFETY: non-NULL result of bpf_tcp_sock, valid for this run.
+    !tp.is_null() && unsafe { (*tp).bytes_acked > 0 && (*tp).bytes_received > 0 }
 }
 
 #[inline(always)]
@@ -446,8 +484,8 @@ fn ingress(ctx: &TcContext) -> i32 {
         None => return NEXT,
     };
     let key = ConnKey {
-        client_addr: seg.src,
-        server_addr: seg.dst,
+        client_addr: addr_bytes(seg.src),
+        server_addr: addr_bytes(seg.dst),
         client_port: seg.sport,
         server_port: seg.dport,
         pad: 0,
@@ -460,7 +498,10 @@ fn ingress(ctx: &TcContext) -> i32 {
         }
         if seg.payload_len == 0 {
             // A new connection on this 4-tuple: forget any stale (e.g. denied) one.
-            let _ = CONNS.remove(key);
+            // Looked up first: a lookup takes no lock, a delete does, even on a miss.
+            if CONNS.get_ptr(key).is_some() {
+                let _ = CONNS.remove(key);
+            }
             return NEXT;
         }
         if allowlisted(&key.client_addr) {
@@ -652,8 +693,8 @@ fn egress(ctx: &TcContext) -> i32 {
         None => return NEXT,
     };
     let key = ConnKey {
-        client_addr: seg.dst,
-        server_addr: seg.src,
+        client_addr: addr_bytes(seg.dst),
+        server_addr: addr_bytes(seg.src),
         client_port: seg.dport,
         server_port: seg.sport,
         pad: 0,
@@ -682,9 +723,19 @@ fn egress(ctx: &TcContext) -> i32 {
         return NEXT;
     }
 
-    // The MTA's bare ACKs (half of its segments during DATA) need no state.
-    if seg.payload_len == 0 && !seg.fin && !seg.rst {
-        return NEXT;
+    // The MTA's bare ACKs (half of its segments during DATA) need no state, nor
+    // do its replies once the session is under way (only FIN and RST can then
+    // matter, to report the end of a connection tracked for defer-reject). The
+    // socket is at hand on egress for local MTAs; routed traffic has none.
+    if !seg.fin && !seg.rst {
+        if seg.payload_len == 0 {
+            return NEXT;
+        }
+        // SAFETY: reading a field of the context the kernel handed us.
+        let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+        if !sk.is_null() && session_under_way(sk) {
+            return NEXT;
+        }
     }
     let conn = match CONNS.get_ptr_mut(key) {
         // SAFETY: as in ingress.
