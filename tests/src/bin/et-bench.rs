@@ -117,7 +117,7 @@ fn churn(lab: &Lab, port: u16, sessions: usize) -> Result<()> {
 /// connection churn to port 25.
 fn per_packet_cost() -> Result<Value> {
     let lab = Lab::new()?;
-    let mut sinks = vec![smtp_sink(&lab, 25)?, smtp_sink(&lab, 2525)?];
+    let sinks = vec![smtp_sink(&lab, 25)?, smtp_sink(&lab, 2525)?];
     let mut agent = Agent::start(&lab, &["-a", "log", "-w", "0"])?;
     // The floor: et_floor from the same object, loaded once per hook so that each
     // direction has its own figures, first in the chain (it returns TCX_NEXT, so
@@ -153,16 +153,24 @@ fn per_packet_cost() -> Result<Value> {
     let d = snapshot(ids);
     drop(floors);
     agent.stop()?;
-    for s in &mut sinks {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(sinks);
     Ok(json!({
         "other_traffic": cost_between(&a, &b, 2.0),
         "port25_traffic": cost_between(&b, &c, 4.0),
         "port25_churn": cost_between(&c, &d, 4.0),
         "smtp_sessions": 2000, "churn_sessions": 500,
     }))
+}
+
+/// A child process killed when dropped, so that a figure failing half-way
+/// leaves no smtp-sink behind in a deleted namespace.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs smtp-source in the client namespace against port 25; returns its wall time.
@@ -200,7 +208,7 @@ fn smtp_source_to(lab: &Lab, port: u16, sessions: u32, msgs: u32) -> Result<Dura
     Ok(t.elapsed())
 }
 
-fn smtp_sink(lab: &Lab, port: u16) -> Result<std::process::Child> {
+fn smtp_sink(lab: &Lab, port: u16) -> Result<Reaped> {
     let c = Command::new("ip")
         .args(["netns", "exec", &lab.server_ns, "smtp-sink", "-u", "nobody"])
         .arg(format!("{SERVER_V4}:{port}"))
@@ -209,7 +217,7 @@ fn smtp_sink(lab: &Lab, port: u16) -> Result<std::process::Child> {
         .stderr(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
-    Ok(c)
+    Ok(Reaped(c))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -295,10 +303,18 @@ impl FileAgent {
     }
 }
 
+impl Drop for FileAgent {
+    fn drop(&mut self) {
+        // Already stopped, or a figure failed half-way: nothing may stay attached.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Figure 2: SMTP session rate, smtp-source against smtp-sink, with and without the agent.
 fn session_rate() -> Result<Value> {
     let lab = Lab::new()?;
-    let mut sink = smtp_sink(&lab, 25)?;
+    let sink = smtp_sink(&lab, 25)?;
     let (sessions, msgs, rounds) = (20, 20_000, 7);
     smtp_source(&lab, sessions, 2000)?; // warm-up
     let (mut without, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
@@ -323,8 +339,7 @@ fn session_rate() -> Result<Value> {
         with.push(w);
         ratios.push(w / wo);
     }
-    let _ = sink.kill();
-    let _ = sink.wait();
+    drop(sink);
     let total = f64::from(msgs) * f64::from(rounds);
     Ok(json!({
         "sessions_per_s_without": median(without), "sessions_per_s_with": median(with),
@@ -402,12 +417,13 @@ fn vm_field(pid: u32, k: &str) -> u64 {
 /// Figure 3: many connections held at once (wait 5), every one classified.
 fn concurrent(n: u32) -> Result<Value> {
     let lab = Lab::new()?;
-    let mut sink = Command::new("ip")
+    let sink = Command::new("ip")
         .args(["netns", "exec", &lab.server_ns, "sh", "-c"])
         .arg(format!("exec smtp-sink -u nobody {SERVER_V4}:25 4096"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()?;
+        .spawn()
+        .map(Reaped)?;
     std::thread::sleep(Duration::from_millis(300));
     let mut agent = Agent::start(
         &lab,
@@ -439,8 +455,7 @@ fn concurrent(n: u32) -> Result<Value> {
     let rss_kib = vm_field(pid, "VmHWM:");
     let maps = agent_map_memory(pid);
     agent.stop()?;
-    let _ = sink.kill();
-    let _ = sink.wait();
+    drop(sink);
     let passes = agent.events("pass").len();
     let early = agent.events("early_talker").len();
     let conns = maps.iter().find(|(n, _, _)| n == "CONNS").cloned();
@@ -464,13 +479,14 @@ fn concurrent(n: u32) -> Result<Value> {
 /// generator's.
 fn verdict_throughput(n: u32, frozen: bool) -> Result<Value> {
     let lab = Lab::new()?;
-    let mut sink = Command::new("ip")
+    let sink = Command::new("ip")
         .args(["netns", "exec", &lab.server_ns, "smtp-sink", "-u", "nobody"])
         .arg(format!("{SERVER_V4}:25"))
         .arg("4096")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()?;
+        .spawn()
+        .map(Reaped)?;
     std::thread::sleep(Duration::from_millis(300));
     // The hold makes every client's bytes early; the reset ends it at once.
     let mut agent = if frozen {
@@ -551,8 +567,7 @@ fn verdict_throughput(n: u32, frozen: bool) -> Result<Value> {
         );
     }
     agent.stop()?;
-    let _ = sink.kill();
-    let _ = sink.wait();
+    drop(sink);
     let st = agent
         .events("stopped")
         .first()
