@@ -540,6 +540,51 @@ pub fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/earlytalker")
 }
 
+/// The agent's command line in the lab's server namespace, on its veth. Each
+/// lab's agent has its own state directory and control socket, and the pass
+/// cache is off, unless `args` set them: the labs' clients share one address,
+/// and a pass in one test must not change the next.
+pub fn agent_command(lab: &Lab, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.server_ns])
+        .arg(agent_bin())
+        .args(["-i", &lab.server_if]);
+    let has = |flag: &str| args.contains(&flag);
+    if !has("--state-dir") {
+        cmd.arg("--state-dir").arg(lab.state_dir());
+    }
+    if !has("--control-socket") {
+        cmd.arg("--control-socket").arg(lab.control_socket());
+    }
+    if !has("--pass-ttl") {
+        cmd.args(["--pass-ttl", "0"]);
+    }
+    cmd.args(args);
+    cmd
+}
+
+/// SIGINT to an agent started by `agent_command`, then a bounded wait for its
+/// exit (SIGKILL after 10 s, reported as an error).
+pub fn stop_agent(child: &mut Child) -> Result<std::process::ExitStatus> {
+    // `ip netns exec` execs the agent, so the child pid is the agent's.
+    // It may have exited already (e.g. after SIGTERM): nothing to signal then.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            bail!("agent did not exit within 10 s of SIGINT");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The real agent, run inside the server namespace with JSON logs.
 pub struct Agent {
     child: Child,
@@ -549,30 +594,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent on the lab's server veth and waits for its "started" line.
-    /// Each lab's agent has its own state directory and control socket, and the
-    /// pass cache is off unless `args` set --pass-ttl: the labs' clients share
-    /// one address, and a pass in one test must not change the next.
+    /// Starts the agent (see `agent_command`) and waits for its "started" line.
     pub fn start(lab: &Lab, args: &[&str]) -> Result<Self> {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &lab.server_ns])
-            .arg(agent_bin())
-            .args(["--log-format", "json", "-i", &lab.server_if]);
-        let has = |flag: &str| args.contains(&flag);
-        if !has("--state-dir") {
-            cmd.args(["--state-dir", &lab.state_dir().display().to_string()]);
-        }
-        if !has("--control-socket") {
-            cmd.args([
-                "--control-socket",
-                &lab.control_socket().display().to_string(),
-            ]);
-        }
-        if !has("--pass-ttl") {
-            cmd.args(["--pass-ttl", "0"]);
-        }
-        cmd.args(args)
-            .stdin(Stdio::null())
+        let mut cmd = agent_command(lab, &[&["--log-format", "json"], args].concat());
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("spawning the agent")?;
@@ -680,24 +705,9 @@ impl Agent {
 
     /// SIGINT, then waits (bounded) for a clean exit and collects the last lines.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        // `ip netns exec` execs the agent, so the child pid is the agent's.
-        // It may have exited already (e.g. after SIGTERM): nothing to signal then.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                self.drain_for(Duration::from_millis(200));
-                return Ok(st);
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                bail!("agent did not exit within 10 s of SIGINT");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let st = stop_agent(&mut self.child)?;
+        self.drain_for(Duration::from_millis(200));
+        Ok(st)
     }
 
     /// SIGKILL: the agent gets no chance to clean up.

@@ -141,7 +141,8 @@ fn per_packet_cost() -> Result<Value> {
     }))??;
     let ids = (floors[0].1, floors[1].1);
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
-    let smtp = |port| smtp_source_to(&lab, port, 20, 2000);
+    let (smtp_sessions, churn_sessions) = (2000, 500);
+    let smtp = |port| smtp_source_to(&lab, port, 20, smtp_sessions);
     // Warm up, then measure each kind of traffic on its own.
     smtp(2525)?;
     let a = snapshot(ids);
@@ -149,7 +150,7 @@ fn per_packet_cost() -> Result<Value> {
     let b = snapshot(ids);
     smtp(25)?;
     let c = snapshot(ids);
-    churn(&lab, 25, 500)?;
+    churn(&lab, 25, churn_sessions)?;
     let d = snapshot(ids);
     drop(floors);
     agent.stop()?;
@@ -158,7 +159,7 @@ fn per_packet_cost() -> Result<Value> {
         "other_traffic": cost_between(&a, &b, 2.0),
         "port25_traffic": cost_between(&b, &c, 4.0),
         "port25_churn": cost_between(&c, &d, 4.0),
-        "smtp_sessions": 2000, "churn_sessions": 500,
+        "smtp_sessions": smtp_sessions, "churn_sessions": churn_sessions,
     }))
 }
 
@@ -236,8 +237,10 @@ fn cpu_time(pid: u32) -> Duration {
         .collect();
     // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100, |v| v.max(1) as u64);
     Duration::from_millis(ticks * 1000 / hz)
 }
 
@@ -251,19 +254,10 @@ struct FileAgent {
 
 impl FileAgent {
     fn start(lab: &Lab, args: &[&str], log: std::path::PathBuf) -> Result<Self> {
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.server_ns])
-            .arg(agent_bin())
-            // The default text format, as an operator runs it.
-            .args(["-i", &lab.server_if, "--pass-ttl", "0"])
-            .arg("--state-dir")
-            .arg(lab.state_dir())
-            .arg("--control-socket")
-            .arg(lab.control_socket())
-            .args(args)
+        // The default text format, as an operator runs it.
+        let child = agent_command(lab, args)
             .stdin(Stdio::null())
-            .stdout(out)
+            .stdout(std::fs::File::create(&log)?)
             .stderr(Stdio::null())
             .spawn()?;
         let agent = FileAgent { child, log };
@@ -287,19 +281,7 @@ impl FileAgent {
     }
 
     fn stop(&mut self) -> Result<()> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let end = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                bail!("agent did not exit within 10 s of SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        stop_agent(&mut self.child).map(drop)
     }
 }
 
