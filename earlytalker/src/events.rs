@@ -5,10 +5,10 @@ use crate::shared::{
     Conn, ConnKey, Event, EV_EARLY, EV_VERDICT, F_EARLY, F_SYN_DATA, PAYLOAD_MAX, R_CLIENT_RST,
     R_GREETING, R_SERVER_FIN, R_SERVER_RST,
 };
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-};
+// foldhash: keyed per process (addresses and ports are the client's choice) and
+// several times faster than SipHash on these small keys, looked up per connection.
+use foldhash::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -136,33 +136,34 @@ fn end_of(reason: u32) -> End {
 /// Drops a kernel record already seen for the same connection: two CPUs racing
 /// on one connection may both report it (see the kernel's `claim`). A connection
 /// is its 4-tuple plus the time of its handshake, so a reused client port is a
-/// different connection. Bounded: the race spans microseconds.
+/// different connection. Bounded: the race spans microseconds, so remembering the
+/// last `cap` to `2 * cap` identities is plenty. Two generations instead of a FIFO
+/// of removals: one hash insert per record, and dropping a generation is a clear.
 pub struct Dedupe {
-    seen: std::collections::HashSet<(u32, ConnKey, u64)>,
-    order: std::collections::VecDeque<(u32, ConnKey, u64)>,
+    current: HashSet<(u32, ConnKey, u64)>,
+    previous: HashSet<(u32, ConnKey, u64)>,
     cap: usize,
 }
 
 impl Dedupe {
     pub fn new(cap: usize) -> Self {
+        let set = || HashSet::with_capacity_and_hasher(cap, Default::default());
         Dedupe {
-            seen: std::collections::HashSet::new(),
-            order: std::collections::VecDeque::new(),
-            cap,
+            current: set(),
+            previous: set(),
+            cap: cap.max(1),
         }
     }
 
     /// True the first time this (kind, connection) is seen.
     pub fn first(&mut self, ev: &Event) -> bool {
         let id = (ev.kind, ev.key, ev.conn.established_ns);
-        if !self.seen.insert(id) {
+        if self.previous.contains(&id) || !self.current.insert(id) {
             return false;
         }
-        self.order.push_back(id);
-        if self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
+        if self.current.len() >= self.cap {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear();
         }
         true
     }
@@ -192,8 +193,8 @@ impl Tracker {
         Tracker {
             action,
             grace_ns,
-            pending: HashMap::new(),
-            reported: HashMap::new(),
+            pending: HashMap::default(),
+            reported: HashMap::default(),
             limit,
         }
     }
@@ -221,11 +222,15 @@ impl Tracker {
                 None
             }
             EV_VERDICT => {
-                self.pending.remove(&ev.key);
-                if self
-                    .reported
-                    .remove(&(ev.key, ev.conn.established_ns))
-                    .is_some()
+                // Both tables hold early talkers only: empty for the usual pass.
+                if !self.pending.is_empty() {
+                    self.pending.remove(&ev.key);
+                }
+                if !self.reported.is_empty()
+                    && self
+                        .reported
+                        .remove(&(ev.key, ev.conn.established_ns))
+                        .is_some()
                 {
                     return None;
                 }
@@ -447,7 +452,18 @@ pub(crate) mod tests {
         let mut c2 = c;
         c2.established_ns += 1;
         assert!(d.first(&ev(EV_VERDICT, R_CLIENT_RST, k, c2, 9)));
-        // Bounded: the oldest identity is forgotten.
+        // Still remembered one generation later...
+        assert!(!d.first(&v));
+        // ...but bounded: after two more generations it is forgotten.
+        for p in 1..=4 {
+            assert!(d.first(&ev(
+                EV_VERDICT,
+                R_CLIENT_RST,
+                key4([10, 0, 0, 2], p, [10, 0, 0, 1], 25),
+                c,
+                5
+            )));
+        }
         assert!(d.first(&v));
     }
 

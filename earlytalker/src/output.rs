@@ -28,28 +28,51 @@ pub fn escape(bytes: &[u8]) -> String {
 }
 
 /// postscreen writes `[addr]:port` for both families.
-fn bracketed(a: &SocketAddr) -> String {
-    format!("[{}]:{}", a.ip(), a.port())
+struct Bracketed<'a>(&'a SocketAddr);
+
+impl std::fmt::Display for Bracketed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}]:{}", self.0.ip(), self.0.port())
+    }
 }
 
-fn s3(ms: f64) -> String {
-    format!("{:.3}", ms / 1000.0)
+/// Milliseconds shown as seconds with three decimals.
+struct Secs(f64);
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Integer arithmetic: float formatting showed in the agent's profile of
+        // one line per connection.
+        let ms = self.0.max(0.0).round() as u64;
+        write!(f, "{}.{:03}", ms / 1000, ms % 1000)
+    }
 }
 
+#[cfg(test)]
 pub fn text(v: &Verdict) -> String {
-    let from = bracketed(&v.client);
-    let to = bracketed(&v.server);
-    match v.kind {
+    let mut s = String::new();
+    write_text(&mut s, v);
+    s
+}
+
+/// Appends a verdict's text line (without newline). Written in place: one line per
+/// connection is the agent's hottest path, so no intermediate strings.
+pub fn write_text(line: &mut String, v: &Verdict) {
+    let from = Bracketed(&v.client);
+    let to = Bracketed(&v.server);
+    // Writing to a String cannot fail.
+    let _ = match v.kind {
         Kind::EarlyTalker => {
-            let mut line = format!(
+            let _ = write!(
+                line,
                 "PREGREET {} after {} from {from} to {to} action={}",
                 v.bytes,
-                s3(v.after_ms.unwrap_or(0.0)),
+                Secs(v.after_ms.unwrap_or(0.0)),
                 v.action
             );
             match v.greeting_after_ms {
                 Some(g) => {
-                    let _ = write!(line, " greeting after {}", s3(g));
+                    let _ = write!(line, " greeting after {}", Secs(g));
                 }
                 // Denied: the reply replaced the greeting; nothing more to say.
                 None if v.end == End::Denied => {}
@@ -60,18 +83,19 @@ pub fn text(v: &Verdict) -> String {
             if v.syn_data {
                 line.push_str(" (data in SYN)");
             }
-            let _ = write!(line, ": {}", escape(&v.payload));
-            line
+            write!(line, ": {}", escape(&v.payload))
         }
-        Kind::Pass => format!(
+        Kind::Pass => write!(
+            line,
             "PASS greeting after {} from {from} to {to}",
-            s3(v.greeting_after_ms.unwrap_or(0.0))
+            Secs(v.greeting_after_ms.unwrap_or(0.0))
         ),
-        Kind::Hangup => format!(
+        Kind::Hangup => write!(
+            line,
             "HANGUP before greeting from {from} to {to} ({})",
             v.end.as_str()
         ),
-    }
+    };
 }
 
 pub fn json_value(v: &Verdict) -> Value {
@@ -131,8 +155,8 @@ pub fn config_json(s: &Settings) -> Value {
     })
 }
 
-fn timestamp() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+fn timestamp() -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_millis(SystemTime::now())
 }
 
 /// Lines formatted but not yet written (see `Out::flush`).
@@ -151,25 +175,26 @@ impl Out {
 
     /// Formats a line and writes it out at once (with anything pending).
     fn emit(&self, text: String, json: Value) {
-        self.push(|| text, || json);
+        self.push(|b| b.push_str(&text), || json);
         self.flush();
     }
 
-    /// Formats a line into the pending batch; only the configured format is built.
-    fn push(&self, text: impl FnOnce() -> String, json: impl FnOnce() -> Value) {
-        let ts = timestamp();
-        let line = match self.format {
-            LogFormat::Text => format!("{ts} {}", text()),
+    /// Appends a line to the pending batch; only the configured format is built.
+    fn push(&self, text: impl FnOnce(&mut String), json: impl FnOnce() -> Value) {
+        let mut b = PENDING.lock().expect("output lock");
+        match self.format {
+            LogFormat::Text => {
+                let _ = write!(b, "{} ", timestamp());
+                text(&mut b);
+            }
             LogFormat::Json => {
                 let mut json = json();
                 if let Value::Object(m) = &mut json {
-                    m.insert("ts".into(), Value::String(ts));
+                    m.insert("ts".into(), Value::String(timestamp().to_string()));
                 }
-                json.to_string()
+                let _ = write!(b, "{json}");
             }
-        };
-        let mut b = PENDING.lock().expect("output lock");
-        b.push_str(&line);
+        }
         b.push('\n');
     }
 
@@ -188,7 +213,7 @@ impl Out {
 
     /// Buffered: the caller flushes after the batch.
     pub fn verdict(&self, v: &Verdict) {
-        self.push(|| text(v), || json_value(v));
+        self.push(|b| write_text(b, v), || json_value(v));
     }
 
     /// One start-up line: settings in force, kernel features found, limits.
@@ -257,7 +282,7 @@ impl Out {
     ) {
         let text = format!(
             "POLICY {state} from {} sender=<{}> recipient=<{}>: {answer}",
-            bracketed(&client),
+            Bracketed(&client),
             escape(sender.as_bytes()),
             escape(recipient.as_bytes())
         );
@@ -287,8 +312,8 @@ impl Out {
     pub fn teardown_failed(&self, client: SocketAddr, server: SocketAddr, step: &str, error: &str) {
         let text = format!(
             "TEARDOWN-FAILED {step} for {} to {}: {error}",
-            bracketed(&client),
-            bracketed(&server)
+            Bracketed(&client),
+            Bracketed(&server)
         );
         let json = json!({
             "event": "teardown_failed",
