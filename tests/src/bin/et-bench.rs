@@ -117,7 +117,7 @@ fn churn(lab: &Lab, port: u16, sessions: usize) -> Result<()> {
 /// connection churn to port 25.
 fn per_packet_cost() -> Result<Value> {
     let lab = Lab::new()?;
-    let sinks = vec![smtp_sink(&lab, 25)?, smtp_sink(&lab, 2525)?];
+    let sinks = vec![smtp_sink(&lab, 25, None)?, smtp_sink(&lab, 2525, None)?];
     let mut agent = Agent::start(&lab, &["-a", "log", "-w", "0"])?;
     // The floor: et_floor from the same object, loaded once per hook so that each
     // direction has its own figures, first in the chain (it returns TCX_NEXT, so
@@ -142,7 +142,7 @@ fn per_packet_cost() -> Result<Value> {
     let ids = (floors[0].1, floors[1].1);
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
     let (smtp_sessions, churn_sessions) = (2000, 500);
-    let smtp = |port| smtp_source_to(&lab, port, 20, smtp_sessions);
+    let smtp = |port| smtp_source_to(&lab, port, 20, smtp_sessions, None);
     // Warm up, then measure each kind of traffic on its own.
     smtp(2525)?;
     let a = snapshot(ids);
@@ -174,23 +174,28 @@ impl Drop for Reaped {
     }
 }
 
-/// Runs smtp-source in the client namespace against port 25; returns its wall time.
-fn smtp_source(lab: &Lab, sessions: u32, msgs: u32) -> Result<Duration> {
-    smtp_source_to(lab, 25, sessions, msgs)
+/// `ip netns exec NS`, pinned to one CPU if asked.
+fn in_netns(ns: &str, cpu: Option<usize>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]);
+    if let Some(cpu) = cpu {
+        c.args(["taskset", "-c", &cpu.to_string()]);
+    }
+    c
 }
 
-/// `msgs` sessions of one 1 KiB message each, `sessions` at a time.
-fn smtp_source_to(lab: &Lab, port: u16, sessions: u32, msgs: u32) -> Result<Duration> {
+/// Runs smtp-source in the client namespace: `msgs` sessions of one 1 KiB message
+/// each, `sessions` at a time. Returns its wall time.
+fn smtp_source_to(
+    lab: &Lab,
+    port: u16,
+    sessions: u32,
+    msgs: u32,
+    cpu: Option<usize>,
+) -> Result<Duration> {
     let t = Instant::now();
-    let st = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.client_ns,
-            "timeout",
-            "120",
-            "smtp-source",
-        ])
+    let st = in_netns(&lab.client_ns, cpu)
+        .args(["timeout", "120", "smtp-source"])
         .args([
             "-s",
             &sessions.to_string(),
@@ -209,9 +214,9 @@ fn smtp_source_to(lab: &Lab, port: u16, sessions: u32, msgs: u32) -> Result<Dura
     Ok(t.elapsed())
 }
 
-fn smtp_sink(lab: &Lab, port: u16) -> Result<Reaped> {
-    let c = Command::new("ip")
-        .args(["netns", "exec", &lab.server_ns, "smtp-sink", "-u", "nobody"])
+fn smtp_sink(lab: &Lab, port: u16, cpu: Option<usize>) -> Result<Reaped> {
+    let c = in_netns(&lab.server_ns, cpu)
+        .args(["smtp-sink", "-u", "nobody"])
         .arg(format!("{SERVER_V4}:{port}"))
         .arg("1024")
         .stdout(Stdio::null())
@@ -226,22 +231,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// User + system CPU time of a process so far, from /proc/PID/stat.
+/// CPU time of all of a process's threads so far, in nanoseconds from each
+/// thread's schedstat (the clock-tick counts in /proc/PID/stat are too coarse for
+/// a few microseconds per session).
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// Busy CPU time of the whole machine so far (all but idle and iowait), from
+/// /proc/stat.
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
         .split_whitespace()
+        .skip(1)
         .map(|x| x.parse().unwrap_or(0))
         .collect();
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    let busy = f.iter().sum::<u64>() - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0);
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .map_or(100, |v| v.max(1) as u64);
-    Duration::from_millis(ticks * 1000 / hz)
+    Duration::from_millis(busy * 1000 / hz)
 }
 
 /// The agent as deployed: its log lines go to a file (as they would to
@@ -293,41 +315,89 @@ impl Drop for FileAgent {
     }
 }
 
-/// Figure 2: SMTP session rate, smtp-source against smtp-sink, with and without the agent.
+/// The same smtp-source load on both labs at once; elapsed time of each.
+fn smtp_source_pair(labs: &[Lab; 2], sessions: u32, msgs: u32) -> Result<[Duration; 2]> {
+    std::thread::scope(|s| {
+        let runs = labs
+            .each_ref()
+            .map(|lab| s.spawn(move || smtp_source_to(lab, 25, sessions, msgs, PAIR_CPUS[0])));
+        let [a, b] = runs.map(|h| h.join().map_err(|_| anyhow::anyhow!("smtp-source thread")));
+        Ok([a??, b??])
+    })
+}
+
+/// Where the paired labs' clients and servers run: both clients on one CPU and both
+/// servers on the other, so that each lab gets the same mix of the two (virtual
+/// CPUs of a shared host run at different speeds from moment to moment).
+const PAIR_CPUS: [Option<usize>; 2] = [Some(0), Some(1)];
+
+/// Quartiles (25 %, 50 %, 75 %) of a sample.
+fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    [q(0.25), q(0.5), q(0.75)]
+}
+
+/// Figure 2: SMTP session rate, smtp-source against smtp-sink, with and without the
+/// agent.
+///
+/// Paired: two identical labs carry the same load at the same time, the agent on
+/// one of them, on A and B in turn so that any difference between the labs cancels.
+/// On 2 shared cores the machine's speed swings by ±15 % from one second to the
+/// next, so back-to-back runs cannot resolve a few per cent; both labs of a pair
+/// feel the same swing. Calibration rounds with no agent measure what is left of
+/// the method's own noise. The scheduler takes the agent's CPU from both labs
+/// alike, so it is charged back to the lab it serves: its CPU time, converted at
+/// that lab's share of the machine, is added to that lab's elapsed time.
 fn session_rate() -> Result<Value> {
-    let lab = Lab::new()?;
-    let sink = smtp_sink(&lab, 25)?;
-    let (sessions, msgs, rounds) = (20, 20_000, 7);
-    smtp_source(&lab, sessions, 2000)?; // warm-up
-    let (mut without, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let labs = [Lab::new()?, Lab::new()?];
+    let _sinks = [
+        smtp_sink(&labs[0], 25, PAIR_CPUS[1])?,
+        smtp_sink(&labs[1], 25, PAIR_CPUS[1])?,
+    ];
+    let (parallel, msgs, calibration, rounds) = (10, 10_000, 4, 24);
+    smtp_source_pair(&labs, parallel, 2000)?; // warm-up
+    let mut null = Vec::new();
+    for _ in 0..calibration {
+        let [a, b] = smtp_source_pair(&labs, parallel, msgs)?;
+        null.push(a.as_secs_f64() / b.as_secs_f64());
+    }
+    let (mut with, mut without, mut ratios, mut raw) = (vec![], vec![], vec![], vec![]);
     let mut agent_cpu = Duration::ZERO;
-    let log = lab.state_dir().with_file_name("agent.log");
-    std::fs::create_dir_all(log.parent().context("lab directory")?)?;
-    // Alternating rounds, each compared with the one just before it: on 2 shared
-    // cores the machine's speed drifts, and adjacent runs see the same drift.
-    for _ in 0..rounds {
-        let wo = f64::from(msgs) / smtp_source(&lab, sessions, msgs)?.as_secs_f64();
-        let mut agent = FileAgent::start(&lab, &["-a", "log", "-w", "0"], log.clone())?;
-        let cpu0 = cpu_time(agent.child.id());
-        let w = f64::from(msgs) / smtp_source(&lab, sessions, msgs)?.as_secs_f64();
-        agent_cpu += cpu_time(agent.child.id()).saturating_sub(cpu0);
+    for round in 0..rounds {
+        let (w, wo) = (round % 2, 1 - round % 2);
+        let log = labs[w].state_dir().with_file_name("agent.log");
+        std::fs::create_dir_all(log.parent().context("lab directory")?)?;
+        let mut agent = FileAgent::start(&labs[w], &["-a", "log", "-w", "0"], log)?;
+        let (cpu0, busy0) = (cpu_time(agent.child.id()), machine_busy());
+        let t = smtp_source_pair(&labs, parallel, msgs)?;
+        let cpu = cpu_time(agent.child.id()).saturating_sub(cpu0);
+        let busy = machine_busy().saturating_sub(busy0);
         agent.stop()?;
         // Every session must have had its verdict logged: the agent kept up.
         let passes = agent.count(" PASS greeting after ");
         if passes < msgs as usize {
             bail!("only {passes} of {msgs} sessions had a verdict");
         }
-        without.push(wo);
-        with.push(w);
-        ratios.push(w / wo);
+        agent_cpu += cpu;
+        let (tw, two) = (t[w].as_secs_f64(), t[wo].as_secs_f64());
+        // Cores one lab kept busy: the machine's busy time less the agent's, halved.
+        let share = ((busy.as_secs_f64() - cpu.as_secs_f64()) / 2.0 / tw.max(two)).clamp(0.1, 1.0);
+        with.push(f64::from(msgs) / tw);
+        without.push(f64::from(msgs) / two);
+        raw.push(two / tw);
+        ratios.push(two / (tw + cpu.as_secs_f64() / share));
     }
-    drop(sink);
-    let total = f64::from(msgs) * f64::from(rounds);
+    let [r25, r50, r75] = quartiles(ratios.clone());
+    let [n25, n50, n75] = quartiles(null);
     Ok(json!({
         "sessions_per_s_without": median(without), "sessions_per_s_with": median(with),
-        "ratio": median(ratios.clone()), "round_ratios": ratios, "target_ratio": 0.97,
-        "parallel": sessions, "sessions_per_round": msgs, "rounds": rounds,
-        "agent_cpu_us_per_session": agent_cpu.as_secs_f64() * 1e6 / total,
+        "ratio": r50, "ratio_q1": r25, "ratio_q3": r75, "target_ratio": 0.97,
+        "ratio_before_charging_agent": median(raw), "round_ratios": ratios,
+        "calibration_ratio": n50, "calibration_q1": n25, "calibration_q3": n75,
+        "parallel_per_lab": parallel, "sessions_per_round": msgs, "rounds": rounds,
+        "calibration_rounds": calibration,
+        "agent_cpu_us_per_session": agent_cpu.as_secs_f64() * 1e6 / (f64::from(msgs) * rounds as f64),
     }))
 }
 
@@ -693,9 +763,24 @@ fn print_table(r: &Value) {
         "",
     );
     row(
-        "session rate ratio (median of rounds)",
+        "session rate ratio (median of paired rounds)",
         f(&s["ratio"]),
         ">= 0.97",
+    );
+    row(
+        "  quartiles of the paired rounds",
+        format!("{}-{}", f(&s["ratio_q1"]), f(&s["ratio_q3"])),
+        "",
+    );
+    row(
+        "  no agent on either lab (method's noise)",
+        format!(
+            "{} ({}-{})",
+            f(&s["calibration_ratio"]),
+            f(&s["calibration_q1"]),
+            f(&s["calibration_q3"])
+        ),
+        "",
     );
     row(
         "  agent CPU per session (us)",
