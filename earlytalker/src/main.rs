@@ -5,6 +5,7 @@ mod actions;
 mod config;
 mod events;
 mod iface;
+mod listen;
 mod loader;
 mod metrics;
 mod milter;

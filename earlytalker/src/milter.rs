@@ -5,6 +5,7 @@
 
 use crate::actions::REPLY_TEXT;
 use crate::config::Action as Act;
+use crate::listen::{bind_unix, spawn_accept_loop, MAX_PEERS};
 use crate::output::Out;
 use crate::store::Store;
 use async_trait::async_trait;
@@ -19,7 +20,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Instant,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 /// The milter's answer for an early talker with `action`, or None to continue.
@@ -156,27 +157,20 @@ pub async fn start(
     out: Out,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    let peers = Arc::new(Semaphore::new(MAX_PEERS));
     if let Some(path) = unix {
-        let l = crate::policy::bind_unix(&path, group.as_deref(), "milter")?;
+        let l = bind_unix(&path, group.as_deref(), "milter")?;
         let store = store.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Ok((s, _)) = l.accept().await {
-                    tokio::spawn(session(s, store.clone(), out));
-                }
-            }
+        spawn_accept_loop("milter", l, peers.clone(), move |s, _| {
+            session(s, store.clone(), out)
         });
     }
     if let Some(addr) = tcp {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("milter listener {addr}"))?;
-        tokio::spawn(async move {
-            loop {
-                if let Ok((s, _)) = l.accept().await {
-                    tokio::spawn(session(s, store.clone(), out));
-                }
-            }
+        spawn_accept_loop("milter", l, peers, move |s, _| {
+            session(s, store.clone(), out)
         });
     }
     Ok(())

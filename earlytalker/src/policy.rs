@@ -5,6 +5,7 @@
 
 use crate::actions::REPLY_TEXT;
 use crate::config::Action;
+use crate::listen::{bind_unix, spawn_accept_loop, MAX_PEERS};
 use crate::output::{escape, Out};
 use crate::store::Store;
 use std::{
@@ -16,7 +17,7 @@ use std::{
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
-    net::{TcpListener, UnixListener},
+    net::TcpListener,
     sync::Semaphore,
 };
 
@@ -29,7 +30,6 @@ pub const MAX_ATTRS: usize = 256;
 const IDLE: Duration = Duration::from_secs(330);
 /// A peer that does not read its answer is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_PEERS: usize = 1024;
 
 /// The answer to one request, and what to log about it.
 #[derive(Debug, PartialEq)]
@@ -183,55 +183,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Makes `path` free for bind: a socket file left by an earlier run is removed,
-/// but one that a live process still answers on is refused, so that a second
-/// agent cannot silently take over the first one's sockets. Anything that is
-/// not a socket is left alone (bind then reports it).
-pub fn claim_socket(path: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "{} is in use by a running process (another earlytalker?)",
-                path.display()
-            );
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
-}
-
-/// Mode 0660, and the MTA's group when given, so that only it (and root) connect.
-pub fn socket_permissions(path: &std::path::Path, group: Option<&str>) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(g) = group {
-        let gid = nix::unistd::Group::from_name(g)
-            .with_context(|| format!("looking up group {g}"))?
-            .with_context(|| format!("no such group: {g}"))?
-            .gid;
-        nix::unistd::chown(path, None, Some(gid))
-            .with_context(|| format!("chgrp {g} {}", path.display()))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", path.display()))
-}
-
-/// Binds a unix socket for an MTA-facing service: frees a stale path (never a
-/// live one), binds, then mode 0660 and the MTA's group.
-pub fn bind_unix(
-    path: &std::path::Path,
-    group: Option<&str>,
-    what: &str,
-) -> anyhow::Result<UnixListener> {
-    use anyhow::Context;
-    claim_socket(path)?;
-    let l =
-        UnixListener::bind(path).with_context(|| format!("{what} socket {}", path.display()))?;
-    socket_permissions(path, group)?;
-    Ok(l)
-}
-
 /// Starts the configured listeners; they run until the runtime stops.
 pub async fn start(
     unix: Option<PathBuf>,
@@ -244,43 +195,17 @@ pub async fn start(
     let peers = Arc::new(Semaphore::new(MAX_PEERS));
     if let Some(path) = unix {
         let l = bind_unix(&path, group.as_deref(), "policy")?;
-        let (store, out, peers) = (store.clone(), out, peers.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let Ok(permit) = peers.clone().try_acquire_owned() else {
-                    log::warn!("policy: {MAX_PEERS} clients connected; refusing another");
-                    continue;
-                };
-                let store = store.clone();
-                tokio::spawn(async move {
-                    serve(s, "unix".into(), store, out).await;
-                    drop(permit);
-                });
-            }
+        let store = store.clone();
+        spawn_accept_loop("policy", l, peers.clone(), move |s, peer| {
+            serve(s, peer, store.clone(), out)
         });
     }
     if let Some(addr) = tcp {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("policy listener {addr}"))?;
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, peer)) = l.accept().await else {
-                    continue;
-                };
-                let Ok(permit) = peers.clone().try_acquire_owned() else {
-                    log::warn!("policy: {MAX_PEERS} clients connected; refusing {peer}");
-                    continue;
-                };
-                let store = store.clone();
-                tokio::spawn(async move {
-                    serve(s, peer.to_string(), store, out).await;
-                    drop(permit);
-                });
-            }
+        spawn_accept_loop("policy", l, peers, move |s, peer| {
+            serve(s, peer, store.clone(), out)
         });
     }
     Ok(())

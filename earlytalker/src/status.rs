@@ -81,7 +81,7 @@ pub async fn serve(path: PathBuf, snap: Shared) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    crate::policy::claim_socket(&path)?;
+    crate::listen::claim_socket(&path)?;
     let l =
         UnixListener::bind(&path).with_context(|| format!("control socket {}", path.display()))?;
     {
@@ -89,37 +89,33 @@ pub async fn serve(path: PathBuf, snap: Shared) -> Result<()> {
         // Root only: status shows client addresses.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            let snap = snap.clone();
-            tokio::spawn(async move {
-                let (rd, mut wr) = s.into_split();
-                let mut line = String::new();
-                let mut rd = BufReader::new(rd).take(64);
-                let read = rd.read_line(&mut line);
-                if tokio::time::timeout(Duration::from_secs(2), read)
-                    .await
-                    .is_err()
-                {
-                    return;
+    // A few at a time is plenty for root's status queries.
+    let peers = Arc::new(tokio::sync::Semaphore::new(16));
+    crate::listen::spawn_accept_loop("control", l, peers, move |s: tokio::net::UnixStream, _| {
+        let snap = snap.clone();
+        async move {
+            let (rd, mut wr) = s.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd).take(64);
+            let read = rd.read_line(&mut line);
+            if tokio::time::timeout(Duration::from_secs(2), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let answer = match line.trim() {
+                "status" => {
+                    let v = snap.lock().expect("snapshot lock").to_json();
+                    format!("{v}\n")
                 }
-                let answer = match line.trim() {
-                    "status" => {
-                        let v = snap.lock().expect("snapshot lock").to_json();
-                        format!("{v}\n")
-                    }
-                    other => format!(
-                        "{}\n",
-                        json!({"error": format!("unknown request {other:?}")})
-                    ),
-                };
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), wr.write_all(answer.as_bytes()))
-                        .await;
-            });
+                other => format!(
+                    "{}\n",
+                    json!({"error": format!("unknown request {other:?}")})
+                ),
+            };
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), wr.write_all(answer.as_bytes())).await;
         }
     });
     Ok(())
