@@ -546,20 +546,10 @@ fn ingress(ctx: &TcContext) -> i32 {
         // SAFETY: the map value stays valid for this program run; races with the
         // other direction touch disjoint fields or set the same flag twice.
         let conn = unsafe { &mut *conn };
-        if conn.flags & F_DENY != 0 {
-            // Retransmissions, pipelined commands, FIN: none reach the MTA.
-            stat(S_DENY_DROPS);
-            return TC_ACT_SHOT;
+        if let Some(act) = settled(&seg, &key, conn, R_CLIENT_RST, R_CLIENT_FIN) {
+            return act;
         }
         let now_ns = now();
-        if conn.flags & F_GREETED != 0 {
-            if seg.rst {
-                closed(&key, conn, R_CLIENT_RST, now_ns);
-            } else if seg.fin {
-                closed(&key, conn, R_CLIENT_FIN, now_ns);
-            }
-            return NEXT;
-        }
         let cfg = config();
         if seg.rst {
             verdict(&key, conn, R_CLIENT_RST, now_ns, &cfg);
@@ -675,6 +665,29 @@ fn verdict(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64, cfg: &Confi
     }
 }
 
+/// A segment of a connection whose pre-greeting phase is over, in either
+/// direction; Some(TC verdict) if so. Denied: nothing more passes (the client's
+/// retransmissions, pipelined commands and FIN never reach the MTA; the MTA's
+/// greeting and the reset its socket sends at teardown never reach the client,
+/// which already has our reply and FIN). Greeted early talker kept for
+/// defer-reject: only the end of the connection is reported, as `rst` or `fin`.
+#[inline(always)]
+fn settled(seg: &Seg, key: &ConnKey, conn: &mut Conn, rst: u32, fin: u32) -> Option<i32> {
+    if conn.flags & F_DENY != 0 {
+        stat(S_DENY_DROPS);
+        return Some(TC_ACT_SHOT);
+    }
+    if conn.flags & F_GREETED == 0 {
+        return None;
+    }
+    if seg.rst {
+        closed(key, conn, rst, now());
+    } else if seg.fin {
+        closed(key, conn, fin, now());
+    }
+    Some(NEXT)
+}
+
 /// A tracked early talker's connection ended after its greeting.
 #[inline(always)]
 fn closed(key: &ConnKey, conn: &mut Conn, reason: u32, now_ns: u64) {
@@ -751,21 +764,10 @@ fn egress(ctx: &TcContext) -> i32 {
         Some(c) => unsafe { &mut *c },
         None => return NEXT,
     };
-    if conn.flags & F_DENY != 0 {
-        // The MTA's greeting, and the reset its socket sends when the agent tears
-        // it down, never reach the client: it already has our reply and FIN.
-        stat(S_DENY_DROPS);
-        return TC_ACT_SHOT;
+    if let Some(act) = settled(&seg, &key, conn, R_SERVER_RST, R_SERVER_FIN) {
+        return act;
     }
     let now_ns = now();
-    if conn.flags & F_GREETED != 0 {
-        if seg.rst {
-            closed(&key, conn, R_SERVER_RST, now_ns);
-        } else if seg.fin {
-            closed(&key, conn, R_SERVER_FIN, now_ns);
-        }
-        return NEXT;
-    }
     let cfg = config();
     if seg.payload_len > 0 {
         if now_ns < conn.release_ns {
