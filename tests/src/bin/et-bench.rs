@@ -143,24 +143,44 @@ fn per_packet_cost() -> Result<Value> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
     let (smtp_sessions, churn_sessions) = (2000, 500);
     let smtp = |port| smtp_source_to(&lab, port, 20, smtp_sessions, None);
-    // Warm up, then measure each kind of traffic on its own.
+    // Warm up, then measure each kind of traffic on its own, in rounds: the map
+    // work is memory-bound and swings with the shared host's load more than the
+    // empty program does, so each figure is the round with the median ratio.
     smtp(2525)?;
-    let a = snapshot(ids);
-    smtp(2525)?;
-    let b = snapshot(ids);
-    smtp(25)?;
-    let c = snapshot(ids);
-    churn(&lab, 25, churn_sessions)?;
-    let d = snapshot(ids);
+    let mut rounds: [Vec<Value>; 3] = Default::default();
+    for _ in 0..PER_PACKET_ROUNDS {
+        let a = snapshot(ids);
+        smtp(2525)?;
+        let b = snapshot(ids);
+        smtp(25)?;
+        let c = snapshot(ids);
+        churn(&lab, 25, churn_sessions)?;
+        let d = snapshot(ids);
+        rounds[0].push(cost_between(&a, &b, 2.0));
+        rounds[1].push(cost_between(&b, &c, 4.0));
+        rounds[2].push(cost_between(&c, &d, 4.0));
+    }
     drop(floors);
     agent.stop()?;
     drop(sinks);
+    let [other, port25, churned] = rounds.map(median_round);
     Ok(json!({
-        "other_traffic": cost_between(&a, &b, 2.0),
-        "port25_traffic": cost_between(&b, &c, 4.0),
-        "port25_churn": cost_between(&c, &d, 4.0),
+        "other_traffic": other, "port25_traffic": port25, "port25_churn": churned,
         "smtp_sessions": smtp_sessions, "churn_sessions": churn_sessions,
+        "rounds": PER_PACKET_ROUNDS,
     }))
+}
+
+const PER_PACKET_ROUNDS: usize = 5;
+
+/// The round whose overall ratio is the median, with the range over all rounds.
+fn median_round(mut rounds: Vec<Value>) -> Value {
+    let ratio = |v: &Value| v["ratio"].as_f64().unwrap_or(f64::NAN);
+    rounds.sort_by(|x, y| ratio(x).total_cmp(&ratio(y)));
+    let range = [ratio(&rounds[0]), ratio(&rounds[rounds.len() - 1])];
+    let mut m = rounds[rounds.len() / 2].clone();
+    m["ratio_range"] = json!(range);
+    m
 }
 
 /// A child process killed when dropped, so that a figure failing half-way
@@ -533,8 +553,14 @@ fn concurrent(n: u32) -> Result<Value> {
 /// bench itself became the bottleneck and the agent blocked on its stdout.)
 fn verdict_throughput(n: u32, frozen: bool) -> Result<Value> {
     let lab = Lab::new()?;
+    // The MTA is one process against the generator's threads on 2 CPUs: at equal
+    // priority it fell 4,096 connections behind (listen-queue overflows, each a
+    // 1 s SYN retry for a generator thread), so the burst measured smtp-sink's
+    // share of the CPU. As on a real MX, the load comes from elsewhere: it runs
+    // at a higher priority than the generator.
     let sink = Command::new("ip")
-        .args(["netns", "exec", &lab.server_ns, "smtp-sink", "-u", "nobody"])
+        .args(["netns", "exec", &lab.server_ns, "nice", "-n", "-10"])
+        .args(["smtp-sink", "-u", "nobody"])
         .arg(format!("{SERVER_V4}:25"))
         .arg("4096")
         .stdout(Stdio::null())
@@ -557,9 +583,9 @@ fn verdict_throughput(n: u32, frozen: bool) -> Result<Value> {
         sig(nix::sys::signal::Signal::SIGSTOP);
     }
     let s = SocketAddr::new(lab.server_addr(false), 25);
-    // Blocking clients, each waiting for its handshake: 8 made the most
-    // connections per second here (16 and 32 made fewer).
-    let threads = 8;
+    // Blocking clients, each waiting for its handshake: 4 made the most
+    // connections per second here (8 to 32 starve the MTA and make fewer).
+    let threads = 4;
     let t = Instant::now();
     // Live: verdict lines are counted as the agent writes them, during the burst.
     let live = (!frozen).then(|| follow(log.clone(), "PREGREET ", u64::from(n), LOG_WAIT));
@@ -785,9 +811,14 @@ fn print_table(r: &Value) {
             );
         }
         row(
-            &format!("per-packet, {what}: ratio"),
+            &format!("per-packet, {what}: ratio (median round)"),
             f(&t["ratio"]),
             target,
+        );
+        row(
+            "  range over the rounds",
+            format!("{}-{}", f(&t["ratio_range"][0]), f(&t["ratio_range"][1])),
+            "",
         );
     }
     let s = &r["session_rate"];
