@@ -62,6 +62,22 @@ pub fn bind_unix(path: &Path, group: Option<&str>, what: &str) -> anyhow::Result
     Ok(l)
 }
 
+/// A bound on the peers one service serves at once, shared by its listeners.
+#[derive(Clone)]
+pub struct Peers {
+    permits: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl Peers {
+    pub fn new(limit: usize) -> Self {
+        Peers {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
 /// A listener the accept loop can serve: unix or TCP.
 pub trait Listener: Send + 'static {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
@@ -86,10 +102,10 @@ impl Listener for TcpListener {
 }
 
 /// Serves `l` until the runtime stops: each connection gets its own task running
-/// `serve(stream, peer)` while it holds one of `peers`' permits (shared by all of
-/// a service's listeners). A connection beyond the limit is closed at once,
-/// which the MTA treats as the service being unavailable.
-pub fn spawn_accept_loop<L, F, Fut>(what: &'static str, l: L, peers: Arc<Semaphore>, serve: F)
+/// `serve(stream, peer)` while it holds one of `peers`' permits. A connection
+/// beyond the limit is closed at once, which the MTA treats as the service being
+/// unavailable.
+pub fn spawn_accept_loop<L, F, Fut>(what: &'static str, l: L, peers: Peers, serve: F)
 where
     L: Listener,
     F: Fn(L::Stream, String) -> Fut + Send + 'static,
@@ -107,9 +123,12 @@ where
                     continue;
                 }
             };
-            let Ok(permit) = peers.clone().try_acquire_owned() else {
+            let Ok(permit) = peers.permits.clone().try_acquire_owned() else {
                 if !refusing {
-                    log::warn!("{what}: {MAX_PEERS} clients connected; refusing {peer} and others until one leaves");
+                    log::warn!(
+                        "{what}: {} clients connected; refusing {peer} and others until one leaves",
+                        peers.limit
+                    );
                     refusing = true;
                 }
                 drop(s);
@@ -139,7 +158,7 @@ mod tests {
         let path = dir.join("s");
         let l = bind_unix(&path, None, "test").unwrap();
         // A limit of 2 stands in for MAX_PEERS.
-        let peers = Arc::new(Semaphore::new(2));
+        let peers = Peers::new(2);
         spawn_accept_loop(
             "test",
             l,

@@ -5,7 +5,7 @@
 
 use crate::actions::REPLY_TEXT;
 use crate::config::Action as Act;
-use crate::listen::{bind_unix, spawn_accept_loop, MAX_PEERS};
+use crate::listen::{bind_unix, spawn_accept_loop, Peers, MAX_PEERS};
 use crate::output::Out;
 use crate::store::Store;
 use async_trait::async_trait;
@@ -20,7 +20,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Instant,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 /// The milter's answer for an early talker with `action`, or None to continue.
@@ -157,7 +157,7 @@ pub async fn start(
     out: Out,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let peers = Arc::new(Semaphore::new(MAX_PEERS));
+    let peers = Peers::new(MAX_PEERS);
     if let Some(path) = unix {
         let l = bind_unix(&path, group.as_deref(), "milter")?;
         let store = store.clone();

@@ -5,7 +5,7 @@
 
 use crate::actions::REPLY_TEXT;
 use crate::config::Action;
-use crate::listen::{bind_unix, spawn_accept_loop, MAX_PEERS};
+use crate::listen::{bind_unix, spawn_accept_loop, Peers, MAX_PEERS};
 use crate::output::{escape, Out};
 use crate::store::Store;
 use std::{
@@ -18,7 +18,6 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::TcpListener,
-    sync::Semaphore,
 };
 
 /// Longest attribute line accepted (Postfix's longest, e.g. certificate subjects,
@@ -192,7 +191,7 @@ pub async fn start(
     out: Out,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let peers = Arc::new(Semaphore::new(MAX_PEERS));
+    let peers = Peers::new(MAX_PEERS);
     if let Some(path) = unix {
         let l = bind_unix(&path, group.as_deref(), "policy")?;
         let store = store.clone();

@@ -90,7 +90,7 @@ pub async fn serve(path: PathBuf, snap: Shared) -> Result<()> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
     // A few at a time is plenty for root's status queries.
-    let peers = Arc::new(tokio::sync::Semaphore::new(16));
+    let peers = crate::listen::Peers::new(16);
     crate::listen::spawn_accept_loop("control", l, peers, move |s: tokio::net::UnixStream, _| {
         let snap = snap.clone();
         async move {
