@@ -12,11 +12,16 @@ pub const KEEP: &[Capability] = &[Capability::CAP_NET_ADMIN];
 
 pub fn drop_privileges() -> Result<()> {
     let keep: CapsHashSet = KEEP.iter().copied().collect();
-    // The bounding set first, while CAP_SETPCAP is still held.
-    for c in caps::all() {
-        if !keep.contains(&c) && caps::has_cap(None, CapSet::Bounding, c).unwrap_or(false) {
-            caps::drop(None, CapSet::Bounding, c)
-                .with_context(|| format!("dropping {c} from the bounding set"))?;
+    // The bounding set first, while CAP_SETPCAP is still held. Without it (the
+    // shipped systemd unit does not grant it) the bounding set cannot shrink, and
+    // need not: the unit's CapabilityBoundingSet already bounds the agent, and
+    // no_new_privs (below, and in the unit) keeps exec from regaining anything.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+        for c in caps::all() {
+            if !keep.contains(&c) && caps::has_cap(None, CapSet::Bounding, c).unwrap_or(false) {
+                caps::drop(None, CapSet::Bounding, c)
+                    .with_context(|| format!("dropping {c} from the bounding set"))?;
+            }
         }
     }
     caps::clear(None, CapSet::Ambient).context("clearing ambient capabilities")?;

@@ -545,8 +545,15 @@ pub fn agent_bin() -> PathBuf {
 /// cache is off, unless `args` set them: the labs' clients share one address,
 /// and a pass in one test must not change the next.
 pub fn agent_command(lab: &Lab, args: &[&str]) -> Command {
+    agent_command_under(lab, &[], args)
+}
+
+/// `agent_command` run through `wrapper` (a program that execs the rest of its
+/// command line, such as `setpriv …`), so the child is still the agent.
+pub fn agent_command_under(lab: &Lab, wrapper: &[&str], args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &lab.server_ns])
+        .args(wrapper)
         .arg(agent_bin())
         .args(["-i", &lab.server_if]);
     let has = |flag: &str| args.contains(&flag);
@@ -596,7 +603,13 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent (see `agent_command`) and waits for its "started" line.
     pub fn start(lab: &Lab, args: &[&str]) -> Result<Self> {
-        let mut cmd = agent_command(lab, &[&["--log-format", "json"], args].concat());
+        Self::start_under(lab, &[], args)
+    }
+
+    /// `start`, through `wrapper` (see `agent_command_under`).
+    pub fn start_under(lab: &Lab, wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        let mut cmd =
+            agent_command_under(lab, wrapper, &[&["--log-format", "json"], args].concat());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -402,3 +402,125 @@ fn o6_least_privilege_after_attach() {
     );
     assert_eq!(lab.tcx_programs().unwrap(), 0);
 }
+
+/// The shipped systemd unit: `systemd-analyze` accepts it, and the agent works
+/// with exactly the capabilities its CapabilityBoundingSet grants (under
+/// `setpriv`, which bounds a root process the way systemd does, with
+/// NoNewPrivileges). systemd itself is not PID 1 here, so its other sandboxing
+/// (the system-call filter, ProtectSystem…) is checked only as configuration.
+#[test]
+fn o7_systemd_unit_verifies_and_its_capabilities_suffice() {
+    require_root();
+    let unit_src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../earlytalker/dist/earlytalker.service");
+    let unit = std::fs::read_to_string(&unit_src).unwrap();
+    let lab = Lab::new().unwrap();
+    std::fs::create_dir_all(lab.dir()).unwrap();
+    // The same unit, run from where the agent was built rather than installed.
+    let copy = lab.dir().join("earlytalker.service");
+    let bin = agent_bin();
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/sbin/earlytalker", bin.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (cargo xtask setup installs systemd)");
+    let complaints = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "systemd-analyze verify: {complaints}"
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let level = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in {report}"));
+    assert!(
+        level.contains(" OK") || level.contains(" SAFE"),
+        "the unit's sandboxing weakened: {level}"
+    );
+
+    // setpriv's syntax for the unit's bounding set: -all,+bpf,+net_admin,…
+    let caps = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds capabilities");
+    let bounding = std::iter::once("-all".to_string())
+        .chain(
+            caps.split_whitespace()
+                .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase())),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
+    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    // Where Postfix wants it: a directory of the MTA's user, mode 0700, as
+    // /var/spool/postfix/private is; handed to the MTA's group.
+    let private = lab.dir().join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(&private, Some(nobody.uid), None).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let policy = private.join("earlytalker");
+    let mut agent = Agent::start_under(
+        &lab,
+        &[
+            "setpriv",
+            "--bounding-set",
+            &bounding,
+            "--no-new-privs",
+            "--",
+        ],
+        &[
+            "-a",
+            "deny",
+            "-w",
+            "1",
+            "--policy-socket",
+            policy.to_str().unwrap(),
+            "--socket-group",
+            "nogroup",
+        ],
+    )
+    .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&policy).unwrap();
+    let nogroup = nix::unistd::Group::from_name("nogroup").unwrap().unwrap();
+    assert_eq!(meta.gid(), nogroup.gid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    // After attach only CAP_NET_ADMIN is usable; the bounding set stays the
+    // unit's (shrinking it takes CAP_SETPCAP, which the unit does not grant).
+    let pid = agent.pid();
+    assert_eq!(proc_status_field(pid, "CapEff"), "0000000000001000");
+    assert_eq!(proc_status_field(pid, "CapPrm"), "0000000000001000");
+    assert_eq!(proc_status_field(pid, "NoNewPrivs"), "1");
+    // Enforcement needs the most: the raw reply and SOCK_DESTROY.
+    let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
+    assert_eq!(
+        String::from_utf8_lossy(&b.received),
+        format!("554 5.7.1 {TEXT}\r\n")
+    );
+    let s = server(&lab);
+    let polite = join(lab.in_client(move || session(s, &Manner::Polite)))
+        .unwrap()
+        .unwrap();
+    assert!(polite.greeting.starts_with("220"), "{polite:?}");
+    assert!(polite.greeting_after >= Duration::from_millis(900));
+    let st = agent.stop().unwrap();
+    assert!(st.success(), "{}", agent.stderr());
+    assert!(
+        agent.events("teardown_failed").is_empty(),
+        "{:?}",
+        agent.seen
+    );
+    assert_eq!(lab.tcx_programs().unwrap(), 0);
+}

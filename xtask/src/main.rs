@@ -173,9 +173,10 @@ fn setup() -> Result<()> {
     let major = nightly_llvm_major()?;
     let llvm = format!("/usr/lib/llvm-{major}");
     let mut pkgs: Vec<String> = vec![format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")];
-    // Used by the tests and the demo: namespaces, and a real MTA (Postfix with
-    // smtp-sink) and SMTP client (swaks) for the MTA-facing tests.
-    pkgs.extend(["iproute2", "postfix", "swaks"].map(String::from));
+    // Used by the tests and the demo: namespaces, a real MTA (Postfix with
+    // smtp-sink) and SMTP client (swaks) for the MTA-facing tests, and
+    // systemd-analyze to check the shipped unit.
+    pkgs.extend(["iproute2", "postfix", "swaks", "systemd"].map(String::from));
     let missing: Vec<String> = pkgs.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !missing.is_empty() {
         if can_install {
