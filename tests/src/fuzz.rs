@@ -35,7 +35,8 @@ const R_CLIENT_RST: u32 = 2;
 const R_SERVER_FIN: u32 = 3;
 const R_SERVER_RST: u32 = 4;
 const R_CLIENT_FIN: u32 = 5;
-const REPLY_MARK: u32 = 0x6574_616c;
+/// The agent marks its reply packets with this; the programs let them pass.
+pub const REPLY_MARK: u32 = 0x6574_616c;
 const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC as u32
 const SHOT: u32 = 2;
 const PORT: u16 = 25;

@@ -319,3 +319,59 @@ fn e08_log_mode_is_unchanged_byte_exact() {
         "log"
     );
 }
+
+/// One step of a teardown fails: the reply cannot leave (here policy routing
+/// prohibits the agent's marked packets, as a careless firewall might). The
+/// failure is logged and counted, and the other step still runs: the MTA's
+/// socket is destroyed and gets nothing, and the client gets nothing either.
+#[test]
+fn e09_a_failed_reply_is_reported_and_the_mta_still_torn_down() {
+    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "1"], Duration::ZERO);
+    let mark = format!("{:#x}", earlytalker_tests::fuzz::REPLY_MARK);
+    for args in [
+        vec!["rule", "add", "fwmark", &mark, "lookup", "4242"],
+        vec!["route", "add", "prohibit", "0.0.0.0/0", "table", "4242"],
+    ] {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &lab.server_ns])
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?}");
+    }
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let (port, received) = join(lab.in_client(move || -> std::io::Result<(u16, Vec<u8>)> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        c.write_all(b"EHLO bot\r\n")?;
+        // Past the hold: neither our reply nor the MTA's greeting comes.
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut got = vec![0u8; 512];
+        let n = c.read(&mut got).unwrap_or(0);
+        got.truncate(n);
+        Ok((c.local_addr()?.port(), got))
+    }))
+    .unwrap()
+    .unwrap();
+    assert!(
+        received.is_empty(),
+        "client got {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    let failed = agent
+        .wait_for(Duration::from_secs(5), |v| v["event"] == "teardown_failed")
+        .unwrap();
+    assert_eq!(failed["step"], "reply", "{failed}");
+    assert!(!failed["error"].as_str().unwrap_or("").is_empty());
+    let v = agent.verdict_for(port, Duration::from_secs(5)).unwrap();
+    assert_eq!(v["end"], "denied", "{v}");
+    // The destroy step ran regardless.
+    if let Some(s) = resp.wait_closed(port, Duration::from_secs(3)) {
+        assert!(s.received.is_empty(), "{:?}", s.received);
+    } else {
+        assert!(resp.session(port).is_none(), "{:?}", resp.session(port));
+    }
+    agent.stop().unwrap();
+    let stopped = agent.events("stopped");
+    assert_eq!(stopped[0]["teardown_failures"], 1, "{:?}", stopped);
+}
