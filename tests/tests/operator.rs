@@ -309,6 +309,19 @@ fn o5_a_second_agent_cannot_take_over_the_sockets() {
     assert_eq!(lab.tcx_programs().unwrap(), 0);
 }
 
+/// Stops the agent: a clean exit, every teardown step succeeded, nothing left
+/// attached.
+fn stop_cleanly(lab: &Lab, agent: &mut Agent) {
+    let st = agent.stop().unwrap();
+    assert!(st.success(), "{}", agent.stderr());
+    assert!(
+        agent.events("teardown_failed").is_empty(),
+        "{:?}",
+        agent.seen
+    );
+    assert_eq!(lab.tcx_programs().unwrap(), 0);
+}
+
 fn proc_status_field(pid: u32, field: &str) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -393,14 +406,7 @@ fn o6_least_privilege_after_attach() {
         m = scrape(&lab, "127.0.0.1:9125");
     }
     assert!(m.contains(want), "{m}");
-    let st = agent.stop().unwrap();
-    assert!(st.success(), "{}", agent.stderr());
-    assert!(
-        agent.events("teardown_failed").is_empty(),
-        "{:?}",
-        agent.seen
-    );
-    assert_eq!(lab.tcx_programs().unwrap(), 0);
+    stop_cleanly(&lab, &mut agent);
 }
 
 /// The shipped systemd unit: `systemd-analyze` accepts it, and the agent works
@@ -515,12 +521,5 @@ fn o7_systemd_unit_verifies_and_its_capabilities_suffice() {
         .unwrap();
     assert!(polite.greeting.starts_with("220"), "{polite:?}");
     assert!(polite.greeting_after >= Duration::from_millis(900));
-    let st = agent.stop().unwrap();
-    assert!(st.success(), "{}", agent.stderr());
-    assert!(
-        agent.events("teardown_failed").is_empty(),
-        "{:?}",
-        agent.seen
-    );
-    assert_eq!(lab.tcx_programs().unwrap(), 0);
+    stop_cleanly(&lab, &mut agent);
 }
