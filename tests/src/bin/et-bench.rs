@@ -340,7 +340,7 @@ fn smtp_source_pair(labs: &[Lab; 2], sessions: u32, msgs: u32) -> Result<[Durati
     std::thread::scope(|s| {
         let runs = labs
             .each_ref()
-            .map(|lab| s.spawn(move || smtp_source_to(lab, 25, sessions, msgs, PAIR_CPUS[0])));
+            .map(|lab| s.spawn(move || smtp_source_to(lab, 25, sessions, msgs, pair_cpus()[0])));
         let [a, b] = runs.map(|h| h.join().map_err(|_| anyhow::anyhow!("smtp-source thread")));
         Ok([a??, b??])
     })
@@ -348,8 +348,14 @@ fn smtp_source_pair(labs: &[Lab; 2], sessions: u32, msgs: u32) -> Result<[Durati
 
 /// Where the paired labs' clients and servers run: both clients on one CPU and both
 /// servers on the other, so that each lab gets the same mix of the two (virtual
-/// CPUs of a shared host run at different speeds from moment to moment).
-const PAIR_CPUS: [Option<usize>; 2] = [Some(0), Some(1)];
+/// CPUs of a shared host run at different speeds from moment to moment). With a
+/// single CPU there is nothing to pin.
+fn pair_cpus() -> [Option<usize>; 2] {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() >= 2 => [Some(0), Some(1)],
+        _ => [None, None],
+    }
+}
 
 /// Quartiles (25 %, 50 %, 75 %) of a sample.
 fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
@@ -372,8 +378,8 @@ fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
 fn session_rate() -> Result<Value> {
     let labs = [Lab::new()?, Lab::new()?];
     let _sinks = [
-        smtp_sink(&labs[0], 25, PAIR_CPUS[1])?,
-        smtp_sink(&labs[1], 25, PAIR_CPUS[1])?,
+        smtp_sink(&labs[0], 25, pair_cpus()[1])?,
+        smtp_sink(&labs[1], 25, pair_cpus()[1])?,
     ];
     let (parallel, msgs, calibration, rounds) = (10, 10_000, 4, 24);
     smtp_source_pair(&labs, parallel, 2000)?; // warm-up
