@@ -84,9 +84,7 @@ fn deny_case(v6: bool, action: &str, code: &str) {
     let run = lab.bot(server, b"EHLO bot\r\n", false);
     assert_rejected(&lab, &resp, &mut agent, &run, code, 1.0, action);
     // A polite client right after is untouched.
-    let seen = join(lab.in_client(move || session(server, &Manner::Polite)))
-        .unwrap()
-        .unwrap();
+    let seen = lab.client(server, Manner::Polite);
     assert!(seen.greeting.starts_with("220 lab.example"));
     assert!(seen.greeting_after >= Duration::from_secs(1));
 }
@@ -152,12 +150,7 @@ fn e04_defer_reject_keeps_the_verdict_for_the_mta() {
         );
         let server = SocketAddr::new(lab.server_addr(false), PORT);
         let bytes = b"EHLO bot\r\nMAIL FROM:<s@spam.example>\r\n".to_vec();
-        let seen = join(lab.in_client({
-            let b = bytes.clone();
-            move || session(server, &Manner::Bot(b))
-        }))
-        .unwrap()
-        .unwrap();
+        let seen = lab.client(server, Manner::Bot(bytes.clone()));
         // The real greeting, after the hold.
         assert!(
             seen.greeting.starts_with("220 lab.example"),
@@ -182,9 +175,7 @@ fn e04_defer_reject_keeps_the_verdict_for_the_mta() {
             String::from_utf8_lossy(&s.received)
         );
 
-        let polite = join(lab.in_client(move || session(server, &Manner::Polite)))
-            .unwrap()
-            .unwrap();
+        let polite = lab.client(server, Manner::Polite);
         // Ask as Postfix would, from the server's namespace (loopback).
         let (bport, pport) = (seen.local_port.to_string(), polite.local_port.to_string());
         let answers = join(
@@ -299,12 +290,7 @@ fn e08_log_mode_is_unchanged_byte_exact() {
     let (lab, resp, mut agent) = setup(&["-a", "log", "-w", "0.5"], Duration::ZERO);
     let server = SocketAddr::new(lab.server_addr(false), PORT);
     let data = b"EHLO bot\r\nMAIL FROM:<a@b>\r\n".to_vec();
-    let seen = join(lab.in_client({
-        let d = data.clone();
-        move || session(server, &Manner::Bot(d))
-    }))
-    .unwrap()
-    .unwrap();
+    let seen = lab.client(server, Manner::Bot(data.clone()));
     assert!(seen.greeting.starts_with("220 lab.example"));
     let s = resp
         .wait_closed(seen.local_port, Duration::from_secs(5))

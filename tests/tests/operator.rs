@@ -39,12 +39,7 @@ fn o1_allowlisted_bot_passes_untouched() {
     for v6 in [false, true] {
         let s = SocketAddr::new(lab.server_addr(v6), PORT);
         let bytes = b"EHLO allowed-bot\r\n".to_vec();
-        let seen = join(lab.in_client({
-            let b = bytes.clone();
-            move || session(s, &Manner::Bot(b))
-        }))
-        .unwrap()
-        .unwrap();
+        let seen = lab.client(s, Manner::Bot(bytes.clone()));
         // Not held, not flagged, not refused: the real greeting at once, and its
         // bytes delivered.
         assert!(
@@ -103,9 +98,7 @@ fn o2_pass_cache_holds_a_polite_client_once_and_survives_restart() {
     );
     // Talking early loses the pass: the next polite connection is held again.
     let s = server(&lab);
-    let b = join(lab.in_client(move || session(s, &Manner::Bot(b"EHLO x\r\n".to_vec()))))
-        .unwrap()
-        .unwrap();
+    let b = lab.client(s, Manner::Bot(b"EHLO x\r\n".to_vec()));
     assert_eq!(
         agent
             .verdict_for(b.local_port, Duration::from_secs(5))
@@ -516,9 +509,7 @@ fn o7_systemd_unit_verifies_and_its_capabilities_suffice() {
         format!("554 5.7.1 {TEXT}\r\n")
     );
     let s = server(&lab);
-    let polite = join(lab.in_client(move || session(s, &Manner::Polite)))
-        .unwrap()
-        .unwrap();
+    let polite = lab.client(s, Manner::Polite);
     assert!(polite.greeting.starts_with("220"), "{polite:?}");
     assert!(polite.greeting_after >= Duration::from_millis(900));
     stop_cleanly(&lab, &mut agent);

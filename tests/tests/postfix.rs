@@ -224,9 +224,7 @@ fn p5_policy_protocol_robustness_and_concurrency() {
     let _resp = Responder::start(&lab, 25, Duration::ZERO).unwrap();
     // One real early talker so that lookups can hit.
     let s = server(&lab);
-    let bot = join(lab.in_client(move || session(s, &Manner::Bot(b"EHLO bot\r\n".to_vec()))))
-        .unwrap()
-        .unwrap();
+    let bot = lab.client(s, Manner::Bot(b"EHLO bot\r\n".to_vec()));
     agent
         .verdict_for(bot.local_port, Duration::from_secs(10))
         .unwrap();
