@@ -3,7 +3,13 @@
 //! peers are served at once.
 
 use anyhow::Context;
-use std::{future::Future, path::Path, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
@@ -142,6 +148,45 @@ where
             });
         }
     });
+}
+
+/// What an MTA-facing service does with one connection, whichever socket it came in
+/// on.
+pub trait Service: Clone + Send + Sync + 'static {
+    fn serve<S>(&self, stream: S, peer: String) -> impl Future<Output = ()> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+}
+
+/// Binds a service's configured listeners (a unix socket for `group`, a TCP
+/// address) and serves `svc` on them until the runtime stops, with one peer limit
+/// shared by both.
+pub async fn start<V: Service>(
+    what: &'static str,
+    unix: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+    group: Option<&str>,
+    svc: V,
+) -> anyhow::Result<()> {
+    let peers = Peers::new(MAX_PEERS);
+    if let Some(path) = unix {
+        let l = bind_unix(&path, group, what)?;
+        let svc = svc.clone();
+        spawn_accept_loop(what, l, peers.clone(), move |s, peer| {
+            let svc = svc.clone();
+            async move { svc.serve(s, peer).await }
+        });
+    }
+    if let Some(addr) = tcp {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{what} listener {addr}"))?;
+        spawn_accept_loop(what, l, peers, move |s, peer| {
+            let svc = svc.clone();
+            async move { svc.serve(s, peer).await }
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -153,20 +153,25 @@ fn agent(run: RunArgs) -> ExitCode {
     let store = Arc::new(Mutex::new(Store::new(settings.max_connections as usize)));
     let snap: status::Shared = Arc::default();
     let services = async {
-        policy::start(
+        let group = settings.socket_group.as_deref();
+        let store = store.clone();
+        listen::start(
+            "policy",
             settings.policy_socket.clone(),
             settings.policy_listen,
-            settings.socket_group.clone(),
-            store.clone(),
-            out,
+            group,
+            policy::Policy {
+                store: store.clone(),
+                out,
+            },
         )
         .await?;
-        milter::start(
+        listen::start(
+            "milter",
             settings.milter_socket.clone(),
             settings.milter_listen,
-            settings.socket_group.clone(),
-            store.clone(),
-            out,
+            group,
+            milter::MilterService { store, out },
         )
         .await?;
         status::serve(settings.control_socket.clone(), snap.clone()).await?;

@@ -5,7 +5,7 @@
 
 use crate::actions::REPLY_TEXT;
 use crate::config::Action as Act;
-use crate::listen::{bind_unix, spawn_accept_loop, Peers, MAX_PEERS};
+use crate::listen::Service;
 use crate::output::Out;
 use crate::store::Store;
 use async_trait::async_trait;
@@ -15,12 +15,11 @@ use miltr_common::{
 };
 use miltr_server::{Milter, Server};
 use std::{
+    future::Future,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Instant,
 };
-use tokio::net::TcpListener;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 /// The milter's answer for an early talker with `action`, or None to continue.
@@ -148,32 +147,20 @@ where
     }
 }
 
-/// Starts the milter listeners; they run until the runtime stops.
-pub async fn start(
-    unix: Option<PathBuf>,
-    tcp: Option<SocketAddr>,
-    group: Option<String>,
-    store: Arc<Mutex<Store>>,
-    out: Out,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let peers = Peers::new(MAX_PEERS);
-    if let Some(path) = unix {
-        let l = bind_unix(&path, group.as_deref(), "milter")?;
-        let store = store.clone();
-        spawn_accept_loop("milter", l, peers.clone(), move |s, _| {
-            session(s, store.clone(), out)
-        });
+/// The milter service: one milter conversation per connection.
+#[derive(Clone)]
+pub struct MilterService {
+    pub store: Arc<Mutex<Store>>,
+    pub out: Out,
+}
+
+impl Service for MilterService {
+    fn serve<S>(&self, stream: S, _peer: String) -> impl Future<Output = ()> + Send
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        session(stream, self.store.clone(), self.out)
     }
-    if let Some(addr) = tcp {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("milter listener {addr}"))?;
-        spawn_accept_loop("milter", l, peers, move |s, _| {
-            session(s, store.clone(), out)
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

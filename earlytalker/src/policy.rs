@@ -5,20 +5,17 @@
 
 use crate::actions::REPLY_TEXT;
 use crate::config::Action;
-use crate::listen::{bind_unix, spawn_accept_loop, Peers, MAX_PEERS};
+use crate::listen::Service;
 use crate::output::{escape, Out};
 use crate::store::Store;
 use std::{
     collections::HashMap,
+    future::Future,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
-    net::TcpListener,
-};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// Longest attribute line accepted (Postfix's longest, e.g. certificate subjects,
 /// stay far below).
@@ -182,32 +179,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Starts the configured listeners; they run until the runtime stops.
-pub async fn start(
-    unix: Option<PathBuf>,
-    tcp: Option<SocketAddr>,
-    group: Option<String>,
-    store: Arc<Mutex<Store>>,
-    out: Out,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let peers = Peers::new(MAX_PEERS);
-    if let Some(path) = unix {
-        let l = bind_unix(&path, group.as_deref(), "policy")?;
-        let store = store.clone();
-        spawn_accept_loop("policy", l, peers.clone(), move |s, peer| {
-            serve(s, peer, store.clone(), out)
-        });
+/// The policy service: one connection, many requests (see `serve`).
+#[derive(Clone)]
+pub struct Policy {
+    pub store: Arc<Mutex<Store>>,
+    pub out: Out,
+}
+
+impl Service for Policy {
+    fn serve<S>(&self, stream: S, peer: String) -> impl Future<Output = ()> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        serve(stream, peer, self.store.clone(), self.out)
     }
-    if let Some(addr) = tcp {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("policy listener {addr}"))?;
-        spawn_accept_loop("policy", l, peers, move |s, peer| {
-            serve(s, peer, store.clone(), out)
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
