@@ -342,6 +342,23 @@ impl Model {
         self.conns.remove(&key);
     }
 
+    /// A segment of a connection past its pre-greeting phase, as in the kernel:
+    /// a denied one drops everything; a greeted early talker reports only its end.
+    fn settled(&mut self, seg: &Seg, key: Key, c: &ConnView, rst: u32, fin: u32) -> Option<u32> {
+        if c.flags & F_DENY != 0 {
+            return Some(SHOT);
+        }
+        if c.flags & F_GREETED == 0 {
+            return None;
+        }
+        if seg.rst {
+            self.closed(key, c, rst);
+        } else if seg.fin {
+            self.closed(key, c, fin);
+        }
+        Some(NEXT)
+    }
+
     pub fn ingress(&mut self, p: &[u8]) -> u32 {
         let Some(seg) = parse(p, true) else {
             return NEXT;
@@ -378,16 +395,8 @@ impl Model {
             return NEXT;
         }
         if let Some(mut c) = self.conns.get(&key).cloned() {
-            if c.flags & F_DENY != 0 {
-                return SHOT;
-            }
-            if c.flags & F_GREETED != 0 {
-                if seg.rst {
-                    self.closed(key, &c, R_CLIENT_RST);
-                } else if seg.fin {
-                    self.closed(key, &c, R_CLIENT_FIN);
-                }
-                return NEXT;
+            if let Some(act) = self.settled(&seg, key, &c, R_CLIENT_RST, R_CLIENT_FIN) {
+                return act;
             }
             if seg.rst {
                 self.verdict(key, c, R_CLIENT_RST);
@@ -468,16 +477,8 @@ impl Model {
         let Some(mut c) = self.conns.get(&key).cloned() else {
             return NEXT;
         };
-        if c.flags & F_DENY != 0 {
-            return SHOT;
-        }
-        if c.flags & F_GREETED != 0 {
-            if seg.rst {
-                self.closed(key, &c, R_SERVER_RST);
-            } else if seg.fin {
-                self.closed(key, &c, R_SERVER_FIN);
-            }
-            return NEXT;
+        if let Some(act) = self.settled(&seg, key, &c, R_SERVER_RST, R_SERVER_FIN) {
+            return act;
         }
         if seg.payload_len > 0 {
             if !self.wait_zero {
