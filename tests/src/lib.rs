@@ -761,9 +761,59 @@ pub fn run_agent_once(lab: &Lab, args: &[&str]) -> Result<(i32, String, String)>
 
 // ---------------------------------------------------------------- postfix
 
-/// A private Postfix instance (Debian's package) in the lab's server namespace:
-/// its own config, queue and log, relaying every message for lab.example to an
-/// smtp-sink that dumps each delivered message to a file.
+/// Where `cargo xtask test` unpacked the suite's private MTA copies.
+pub fn mta_root() -> PathBuf {
+    std::env::var_os("EARLYTALKER_MTA_ROOT").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/mta"),
+        Into::into,
+    )
+}
+
+/// A program of the private Postfix copy (postfix, smtp-sink, smtp-source…), with
+/// its libraries found: Debian links them with RUNPATH /usr/lib/postfix, which
+/// this host need not have.
+pub fn postfix_tool(name: &str) -> Command {
+    let root = mta_root().join("postfix");
+    let mut cmd = Command::new(root.join("usr/sbin").join(name));
+    cmd.env("LD_LIBRARY_PATH", root.join("usr/lib/postfix"));
+    cmd
+}
+
+/// PATH and LD_LIBRARY_PATH under which the private Postfix's programs are
+/// found by name (for commands built as shell lines, like the bench's).
+pub fn postfix_env() -> [(&'static str, std::ffi::OsString); 2] {
+    let root = mta_root().join("postfix");
+    let mut path = root.join("usr/sbin").into_os_string();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    [
+        ("PATH", path),
+        (
+            "LD_LIBRARY_PATH",
+            root.join("usr/lib/postfix").into_os_string(),
+        ),
+    ]
+}
+
+/// `postfix_tool`, run in network namespace `ns` (`ip netns exec` keeps the
+/// environment).
+pub fn postfix_tool_in(ns: &str, name: &str) -> Command {
+    let tool = postfix_tool(name);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(tool.get_program());
+    for (k, v) in tool.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
+
+/// A private Postfix instance in the lab's server namespace, run from the copy
+/// `cargo xtask test` unpacked from Debian's package (no Postfix is installed on
+/// the host): its own config, queue and log, existing system users (no passwd
+/// change), relaying every message for lab.example to an smtp-sink that dumps
+/// each delivered message to a file.
 pub struct Postfix {
     pub dir: PathBuf,
     conf: PathBuf,
@@ -782,15 +832,30 @@ impl Postfix {
             std::fs::create_dir_all(dir.join(d))?;
         }
         let d = dir.display();
+        let root = mta_root().join("postfix");
+        if !root.join("usr/sbin/postfix").exists() {
+            bail!(
+                "no private Postfix in {} (cargo xtask test unpacks it)",
+                root.display()
+            );
+        }
+        let p = root.display();
+        // Users that every Debian system has: nobody owns the queue, daemon is
+        // the delivery default, mail is the (unused) setgid group.
         let main_cf = format!(
             "compatibility_level = 3.6
 queue_directory = {d}/queue
 data_directory = {d}/data
-meta_directory = /etc/postfix
+meta_directory = {p}/etc/postfix
+command_directory = {p}/usr/sbin
+daemon_directory = {p}/usr/lib/postfix/sbin
+shlib_directory = {p}/usr/lib/postfix
+import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C LD_LIBRARY_PATH={p}/usr/lib/postfix
 maillog_file = {d}/maillog
 maillog_file_prefixes = /tmp
-mail_owner = postfix
-setgid_group = postdrop
+mail_owner = nobody
+default_privs = daemon
+setgid_group = mail
 myhostname = mx.lab.example
 mydomain = lab.example
 myorigin = lab.example
@@ -840,16 +905,8 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             "chown",
             &["nobody", &dir.join("sink").display().to_string()],
         )?;
-        let sink = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.server_ns,
-                "smtp-sink",
-                "-u",
-                "nobody",
-                "-d",
-            ])
+        let sink = postfix_tool_in(&lab.server_ns, "smtp-sink")
+            .args(["-u", "nobody", "-d"])
             .arg(format!("{d}/sink/msg."))
             .args(["127.0.0.1:2525", "64"])
             .stdin(Stdio::null())
@@ -866,7 +923,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         // Postfix insists on owning its data directory (locks, caches).
         run(
             "chown",
-            &["postfix", &dir.join("data").display().to_string()],
+            &["nobody", &dir.join("data").display().to_string()],
         )?;
         if let Err(e) = pf.postfix(&["start"]) {
             // Postfix reports to its log, not to a non-tty stderr.
@@ -892,17 +949,20 @@ postlog   unix-dgram n  -       n       -       1       postlogd
     }
 
     fn postfix(&self, args: &[&str]) -> Result<()> {
-        let conf = self.conf.display().to_string();
-        let mut a = vec![
-            "netns",
-            "exec",
-            self.ns.as_str(),
-            "postfix",
-            "-c",
-            conf.as_str(),
-        ];
-        a.extend_from_slice(args);
-        run("ip", &a)
+        let out = postfix_tool_in(&self.ns, "postfix")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .context("cannot run the private postfix")?;
+        if !out.status.success() {
+            bail!(
+                "postfix {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     pub fn log(&self) -> String {

@@ -1,6 +1,7 @@
 //! defer-reject through a real, unmodified Postfix (Debian's package): the policy
 //! service and the milter, plus the policy protocol's robustness. Needs root and
-//! the postfix and swaks packages (`cargo xtask setup` installs them).
+//! swaks and a private Postfix copy (`cargo xtask test` installs swaks and
+//! unpacks Postfix into target/mta; no MTA is installed on the host).
 
 use earlytalker_tests::*;
 use std::{

@@ -1,6 +1,7 @@
 //! Developer and operator tasks: `cargo xtask setup|build|run|demo|test`.
 
 mod demo;
+mod deps;
 
 use anyhow::{bail, Context, Result};
 use std::{
@@ -11,12 +12,15 @@ use std::{
 
 const USAGE: &str = "usage: cargo xtask <command>
 
-  setup          make this machine able to build (nightly rust-src, LLVM, bpf-linker)
+  setup          make this machine able to build (nightly rust-src, LLVM, bpf-linker);
+                 never installs an MTA or test tools
   build          setup, then build the agent (target/release/earlytalker)
   run [-- ARGS]  build, then run the agent as root; with no ARGS and nothing
                  listening on port 25, runs the demo instead
   demo           a bot and a polite client in network namespaces, caught live
-  test           setup, build, unit tests, then the privileged suite (root)
+  test           setup, build, install the test tools (iproute2, swaks, systemd)
+                 and unpack private MTA copies into target/mta, then unit tests
+                 and the privileged suite (root)
   fuzz [--count N] [--seed S]
                  differential fuzzing of the loaded kernel programs against
                  the reference model (root; default 1,000,000 packets)
@@ -50,6 +54,11 @@ fn main() -> ExitCode {
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
+        // A refusal to touch the host's packages is a usage error: nothing was done.
+        Err(e) if e.downcast_ref::<deps::Refused>().is_some() => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("xtask: error: {e:#}");
             ExitCode::FAILURE
@@ -115,11 +124,6 @@ fn nightly_llvm_major() -> Result<u32> {
         .context("odd LLVM version")
 }
 
-fn dpkg_installed(pkg: &str) -> bool {
-    output("dpkg-query", &["-W", "-f=${Status}", pkg])
-        .is_some_and(|s| s.contains("install ok installed"))
-}
-
 /// bpf-linker present and linked against LLVM `major` (or static).
 fn bpf_linker_ok(major: u32) -> bool {
     let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) else {
@@ -172,34 +176,13 @@ fn setup() -> Result<()> {
 
     let major = nightly_llvm_major()?;
     let llvm = format!("/usr/lib/llvm-{major}");
-    let mut pkgs: Vec<String> = vec![format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")];
-    // Used by the tests and the demo: namespaces, a real MTA (Postfix with
-    // smtp-sink) and SMTP client (swaks) for the MTA-facing tests, and
-    // systemd-analyze to check the shipped unit.
-    pkgs.extend(["iproute2", "postfix", "swaks", "systemd"].map(String::from));
-    let missing: Vec<String> = pkgs.into_iter().filter(|p| !dpkg_installed(p)).collect();
-    if !missing.is_empty() {
-        if can_install {
-            // "No configuration": Postfix is installed for the tests' private
-            // instances and must not start a system MTA on port 25.
-            let mut preseed = Command::new("debconf-set-selections");
-            preseed.stdin(std::process::Stdio::piped());
-            let mut child = preseed.spawn().context("debconf-set-selections")?;
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .context("debconf stdin")?
-                .write_all(b"postfix postfix/main_mailer_type select No configuration\n")?;
-            child.wait()?;
-            status(Command::new("apt-get").args(["update", "-qq"]))?;
-            status(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "--no-install-recommends"])
-                    .args(&missing)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )?;
-        } else {
+    // Only the build's own needs: this runs on relays (`run`, `install`).
+    let pkgs = deps::build_packages(major);
+    if can_install {
+        deps::apt_install(&pkgs)?;
+    } else {
+        let missing: Vec<String> = pkgs.into_iter().filter(|p| !deps::installed(p)).collect();
+        if !missing.is_empty() {
             todo.push(format!("apt-get install -y {}", missing.join(" ")));
         }
     }
@@ -358,9 +341,29 @@ fn build_test_bin(name: &str) -> Result<PathBuf> {
     Ok(root_dir().join("target/release").join(name))
 }
 
+/// What the suite and the bench run besides the agent: test tools, and private
+/// MTA copies under target/mta (never an MTA installed on the host).
+fn test_setup() -> Result<()> {
+    if !Path::new("/etc/debian_version").exists() {
+        bail!("the test suite installs its tools with apt: Debian or a derivative is needed");
+    }
+    deps::apt_install(
+        &deps::TEST_PACKAGES
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>(),
+    )?;
+    deps::private_mtas(&root_dir())
+}
+
 fn bench() -> Result<()> {
+    test_setup()?;
     let bin = build_test_bin("et-bench")?;
-    status(Command::new(bin).env("EARLYTALKER_BIN", agent_bin()))
+    status(
+        Command::new(bin)
+            .env("EARLYTALKER_BIN", agent_bin())
+            .env("EARLYTALKER_MTA_ROOT", deps::mta_root(&root_dir())),
+    )
 }
 
 fn fuzz(args: &[String]) -> Result<()> {
@@ -374,12 +377,14 @@ fn test(extra: &[String]) -> Result<()> {
         bail!("not root: privileged suite not run");
     }
     build()?;
+    test_setup()?;
     let mut cmd = cargo();
     cmd.current_dir(root_dir())
         .args(["test", "--release", "--workspace", "--"])
         // Two lab tests at a time on two cores keeps timing honest.
         .args(["--test-threads", "2"])
         .args(extra)
-        .env("EARLYTALKER_BIN", agent_bin());
+        .env("EARLYTALKER_BIN", agent_bin())
+        .env("EARLYTALKER_MTA_ROOT", deps::mta_root(&root_dir()));
     status(&mut cmd)
 }

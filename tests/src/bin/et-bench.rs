@@ -197,7 +197,7 @@ impl Drop for Reaped {
 /// `ip netns exec NS`, pinned to one CPU if asked.
 fn in_netns(ns: &str, cpu: Option<usize>) -> Command {
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]);
+    c.args(["netns", "exec", ns]).envs(postfix_env());
     if let Some(cpu) = cpu {
         c.args(["taskset", "-c", &cpu.to_string()]);
     }
@@ -496,6 +496,7 @@ fn vm_field(pid: u32, k: &str) -> u64 {
 fn concurrent(n: u32) -> Result<Value> {
     let lab = Lab::new()?;
     let sink = Command::new("ip")
+        .envs(postfix_env())
         .args(["netns", "exec", &lab.server_ns, "sh", "-c"])
         .arg(format!("exec smtp-sink -u nobody {SERVER_V4}:25 4096"))
         .stdout(Stdio::null())
@@ -510,6 +511,7 @@ fn concurrent(n: u32) -> Result<Value> {
     let pid = agent.pid();
     let t = Instant::now();
     let src = Command::new("ip")
+        .envs(postfix_env())
         .args(["netns", "exec", &lab.client_ns, "sh", "-c"])
         .arg(format!(
             "exec timeout 120 smtp-source -s {n} -m {n} -l 100 -f a@client.example -t b@lab.example {SERVER_V4}:25"
@@ -565,6 +567,7 @@ fn verdict_throughput(n: u32, frozen: bool) -> Result<Value> {
     // share of the CPU. As on a real MX, the load comes from elsewhere: it runs
     // at a higher priority than the generator.
     let sink = Command::new("ip")
+        .envs(postfix_env())
         .args(["netns", "exec", &lab.server_ns, "nice", "-n", "-10"])
         .args(["smtp-sink", "-u", "nobody"])
         .arg(format!("{SERVER_V4}:25"))
