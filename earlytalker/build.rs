@@ -10,6 +10,11 @@ fn main() -> anyhow::Result<()> {
     for p in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(p).display());
     }
+    // The ABI crate the kernel programs are built with.
+    let common = manifest.join("../earlytalker-common").canonicalize()?;
+    for p in ["src", "Cargo.toml"] {
+        println!("cargo:rerun-if-changed={}", common.join(p).display());
+    }
     println!("cargo:rerun-if-env-changed=EARLYTALKER_BPF_OBJ");
     let out = PathBuf::from(env::var("OUT_DIR")?).join("earlytalker.bpf.o");
 

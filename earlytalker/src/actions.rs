@@ -11,8 +11,8 @@
 
 use crate::config::Action;
 use crate::events::{client_of, server_of};
-use crate::shared::{Conn, ConnKey, REPLY_MARK};
 use anyhow::{anyhow, bail, Context, Result};
+use earlytalker_common::{Conn, ConnKey, REPLY_MARK};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_REQUEST,
 };

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
@@ -16,7 +16,7 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/earlytalker/control.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/earlytalker";
 
 /// What to do with an early talker (qpsmtpd's `check_earlytalker` semantics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// 554 5.7.1 instead of the greeting, then disconnect.
@@ -37,7 +37,52 @@ impl fmt::Display for Action {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+/// What was done to an early talker: the action, or `defer` when the MTA is left
+/// to refuse it (defer-reject).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Taken {
+    Deny,
+    Denysoft,
+    Defer,
+    Log,
+}
+
+impl Taken {
+    pub fn of(action: Action, defer_reject: bool) -> Self {
+        match (action, defer_reject) {
+            (Action::Log, _) => Taken::Log,
+            (_, true) => Taken::Defer,
+            (Action::Deny, false) => Taken::Deny,
+            (Action::Denysoft, false) => Taken::Denysoft,
+        }
+    }
+
+    pub const ALL: [Taken; 4] = [Taken::Deny, Taken::Denysoft, Taken::Defer, Taken::Log];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Taken::Deny => "deny",
+            Taken::Denysoft => "denysoft",
+            Taken::Defer => "defer",
+            Taken::Log => "log",
+        }
+    }
+}
+
+/// Tests and logs compare with the logged word.
+impl PartialEq<&str> for Taken {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Display for Taken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One line per verdict for people, modelled on postscreen's.
@@ -159,6 +204,11 @@ pub struct RunArgs {
     /// More diagnostics on stderr, including the kernel programs' debug messages
     #[arg(short, long)]
     pub verbose: bool,
+
+    /// How long a defer-reject verdict outlives its connection, for the MTA to
+    /// finish the transaction [default: 30s] (for tests; hidden)
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl, hide = true)]
+    pub close_grace: Option<Duration>,
 }
 
 /// A ring buffer size: a power of two from one page (4 KiB) to 256 MiB.
@@ -285,18 +335,35 @@ pub fn load_file(path: &Path) -> Result<FileConfig> {
     })
 }
 
-/// Settings in force, after file, flags, defaults and validation.
+/// Settings in force, after file, flags, defaults and validation: what a reload
+/// may change, and what is bound at start-up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    pub config: Option<PathBuf>,
-    pub ifaces: Vec<String>,
+    pub live: Live,
+    pub fixed: Fixed,
+}
+
+/// What a SIGHUP reload applies: the kernel's configuration maps and the
+/// agent's verdict policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
     pub ports: Vec<u16>,
     pub wait: Duration,
     pub action: Action,
     pub defer_reject: bool,
-    pub log_format: LogFormat,
     pub allow: Vec<IpNet>,
     pub pass_ttl: Duration,
+}
+
+/// What is bound at start-up (interfaces attached, maps sized, sockets bound,
+/// logger set up): a reload that changes any of it is told so and keeps the
+/// running value. Serialized only to name the fields that differ.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fixed {
+    pub config: Option<PathBuf>,
+    #[serde(rename = "interfaces")]
+    pub ifaces: Vec<String>,
+    pub log_format: LogFormat,
     pub state_dir: PathBuf,
     pub max_connections: u32,
     pub event_buffer: u32,
@@ -308,7 +375,30 @@ pub struct Settings {
     pub socket_group: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: PathBuf,
+    pub close_grace: Duration,
 }
+
+impl Fixed {
+    /// Names of the settings that differ from `new`, derived from the fields
+    /// themselves (sorted), so none can be forgotten.
+    pub fn changes(&self, new: &Fixed) -> Vec<String> {
+        let (a, b) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(new).unwrap_or_default(),
+        );
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => a
+                .into_iter()
+                .filter(|(k, v)| b.get(k) != Some(v))
+                .map(|(k, _)| k)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Default for `--close-grace`.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 fn file_err(path: &Option<PathBuf>, what: &str, e: impl fmt::Display) -> anyhow::Error {
     let p = path.as_deref().map(Path::display);
@@ -369,10 +459,10 @@ impl Settings {
         }
         allow.extend(cli.allow.iter().copied());
         dedup(&mut allow);
-        if allow.len() > crate::shared::MAX_ALLOW as usize {
+        if allow.len() > earlytalker_common::MAX_ALLOW as usize {
             return Err(fe(
                 "allow",
-                &format!("more than {} networks", crate::shared::MAX_ALLOW),
+                &format!("more than {} networks", earlytalker_common::MAX_ALLOW),
             ));
         }
 
@@ -409,44 +499,49 @@ impl Settings {
                 .ok()
                 .filter(|n| (64..=16_777_216).contains(n))
                 .ok_or_else(|| fe("max_connections", &format!("{n} is not in 64..=16777216")))?,
-            (None, None) => crate::shared::DEFAULT_MAX_CONNS,
+            (None, None) => earlytalker_common::DEFAULT_MAX_CONNS,
         };
 
         let event_buffer = match (cli.event_buffer, f.event_buffer) {
             (Some(n), _) => n,
             (None, Some(n)) => parse_ring(&n.to_string()).map_err(|e| fe("event_buffer", &e))?,
-            (None, None) => crate::shared::DEFAULT_EVENTS_BYTES,
+            (None, None) => earlytalker_common::DEFAULT_EVENTS_BYTES,
         };
 
         Ok(Settings {
-            config: cli.config.clone(),
-            ifaces,
-            ports,
-            wait,
-            action: cli.action.or(f.action).unwrap_or(Action::Denysoft),
-            defer_reject: cli.defer_reject || f.defer_reject.unwrap_or(false),
-            log_format: cli.log_format.or(f.log_format).unwrap_or(LogFormat::Text),
-            allow,
-            pass_ttl,
-            state_dir: cli
-                .state_dir
-                .clone()
-                .or(f.state_dir)
-                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            max_connections,
-            event_buffer,
-            verbose: cli.verbose,
-            policy_socket: cli.policy_socket.clone().or(f.policy_socket),
-            policy_listen,
-            milter_socket: cli.milter_socket.clone().or(f.milter_socket),
-            milter_listen,
-            socket_group: cli.socket_group.clone().or(f.socket_group),
-            metrics_listen,
-            control_socket: cli
-                .control_socket
-                .clone()
-                .or(f.control_socket)
-                .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+            live: Live {
+                ports,
+                wait,
+                action: cli.action.or(f.action).unwrap_or(Action::Denysoft),
+                defer_reject: cli.defer_reject || f.defer_reject.unwrap_or(false),
+                allow,
+                pass_ttl,
+            },
+            fixed: Fixed {
+                config: cli.config.clone(),
+                ifaces,
+                log_format: cli.log_format.or(f.log_format).unwrap_or(LogFormat::Text),
+                state_dir: cli
+                    .state_dir
+                    .clone()
+                    .or(f.state_dir)
+                    .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+                max_connections,
+                event_buffer,
+                verbose: cli.verbose,
+                policy_socket: cli.policy_socket.clone().or(f.policy_socket),
+                policy_listen,
+                milter_socket: cli.milter_socket.clone().or(f.milter_socket),
+                milter_listen,
+                socket_group: cli.socket_group.clone().or(f.socket_group),
+                metrics_listen,
+                control_socket: cli
+                    .control_socket
+                    .clone()
+                    .or(f.control_socket)
+                    .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+                close_grace: cli.close_grace.unwrap_or(CLOSE_GRACE),
+            },
         })
     }
 
@@ -461,70 +556,26 @@ impl Settings {
 
     /// Refuses a wait the greeting-hold technique cannot deliver on this kernel.
     pub fn check_wait(&self, max: Duration, why: &str) -> Result<()> {
-        if self.wait > max {
+        if self.live.wait > max {
             bail!(
                 "--wait {} exceeds the {:.1} s this kernel can hold a greeting ({why})",
-                secs(self.wait),
+                secs(self.live.wait),
                 max.as_secs_f64()
             );
         }
         Ok(())
     }
+}
 
+impl Live {
     /// The kernel drops early talkers' bytes and their greeting.
     pub fn enforce(&self) -> bool {
         self.action != Action::Log && !self.defer_reject
     }
 
     /// What is done to an early talker, as logged.
-    pub fn taken(&self) -> &'static str {
-        match (self.action, self.defer_reject) {
-            (Action::Log, _) => "log",
-            (_, true) => "defer",
-            (Action::Deny, false) => "deny",
-            (Action::Denysoft, false) => "denysoft",
-        }
-    }
-
-    /// Settings a SIGHUP cannot change (they are bound at start-up), by name.
-    pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.ifaces != new.ifaces {
-            v.push("interfaces");
-        }
-        if self.log_format != new.log_format {
-            v.push("log_format");
-        }
-        if self.max_connections != new.max_connections {
-            v.push("max_connections");
-        }
-        if self.event_buffer != new.event_buffer {
-            v.push("event_buffer");
-        }
-        if self.state_dir != new.state_dir {
-            v.push("state_dir");
-        }
-        if (
-            &self.policy_socket,
-            self.policy_listen,
-            &self.milter_socket,
-            self.milter_listen,
-        ) != (
-            &new.policy_socket,
-            new.policy_listen,
-            &new.milter_socket,
-            new.milter_listen,
-        ) || self.socket_group != new.socket_group
-        {
-            v.push("policy/milter sockets");
-        }
-        if self.metrics_listen != new.metrics_listen {
-            v.push("metrics_listen");
-        }
-        if self.control_socket != new.control_socket {
-            v.push("control_socket");
-        }
-        v
+    pub fn taken(&self) -> Taken {
+        Taken::of(self.action, self.defer_reject)
     }
 }
 
@@ -574,28 +625,31 @@ mod tests {
     #[test]
     fn defaults_follow_qpsmtpd_and_postscreen() {
         let s = settings(&[]).unwrap();
-        assert_eq!(s.wait, Duration::from_secs(1));
-        assert_eq!(s.action, Action::Denysoft);
-        assert!(!s.defer_reject);
-        assert_eq!(s.log_format, LogFormat::Text);
-        assert_eq!(s.ifaces, vec!["eth9"]);
-        assert_eq!(s.ports, vec![25]);
-        assert_eq!(s.pass_ttl, Duration::from_secs(86_400));
-        assert_eq!(s.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(s.live.wait, Duration::from_secs(1));
+        assert_eq!(s.live.action, Action::Denysoft);
+        assert!(!s.live.defer_reject);
+        assert_eq!(s.fixed.log_format, LogFormat::Text);
+        assert_eq!(s.fixed.ifaces, vec!["eth9"]);
+        assert_eq!(s.live.ports, vec![25]);
+        assert_eq!(s.live.pass_ttl, Duration::from_secs(86_400));
+        assert_eq!(
+            s.fixed.control_socket,
+            PathBuf::from(DEFAULT_CONTROL_SOCKET)
+        );
     }
 
     #[test]
     fn repeatable_flags_dedup() {
         let s = settings(&["-i", "a", "-i", "b", "-i", "a", "-p", "25", "-p", "587"]).unwrap();
-        assert_eq!(s.ifaces, vec!["a", "b"]);
-        assert_eq!(s.ports, vec![25, 587]);
+        assert_eq!(s.fixed.ifaces, vec!["a", "b"]);
+        assert_eq!(s.live.ports, vec![25, 587]);
     }
 
     #[test]
     fn actions_and_defer_reject() {
         let taken = |a: &[&str]| {
             let s = settings(a).unwrap();
-            (s.taken(), s.enforce())
+            (s.live.taken().as_str(), s.live.enforce())
         };
         assert_eq!(taken(&[]), ("denysoft", true));
         assert_eq!(taken(&["-a", "deny"]), ("deny", true));
@@ -619,7 +673,7 @@ mod tests {
         assert_eq!(parse_wait("0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_wait("0").unwrap(), Duration::ZERO);
         assert_eq!(
-            settings(&["--wait", "2.25"]).unwrap().wait,
+            settings(&["--wait", "2.25"]).unwrap().live.wait,
             Duration::from_millis(2250)
         );
     }
@@ -656,9 +710,9 @@ mod tests {
             "12h",
         ])
         .unwrap();
-        assert_eq!(s.allow[0].to_string(), "192.0.2.0/24");
-        assert_eq!(s.allow[1].to_string(), "2001:db8::1/128");
-        assert_eq!(s.pass_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(s.live.allow[0].to_string(), "192.0.2.0/24");
+        assert_eq!(s.live.allow[1].to_string(), "2001:db8::1/128");
+        assert_eq!(s.live.pass_ttl, Duration::from_secs(12 * 3600));
         assert_eq!(parse_ttl("0").unwrap(), Duration::ZERO);
         assert_eq!(parse_ttl("1d").unwrap(), Duration::from_secs(86_400));
     }
@@ -685,17 +739,20 @@ mod tests {
             max_connections = 1024
         "#;
         let s = with_file(&[], toml_text).unwrap();
-        assert_eq!(s.ifaces, vec!["eth0", "eth1"]);
-        assert_eq!(s.ports, vec![25, 587]);
-        assert_eq!(s.wait, Duration::from_millis(2500));
-        assert_eq!(s.taken(), "defer");
-        assert_eq!(s.log_format, LogFormat::Json);
-        assert_eq!(s.allow.len(), 1);
-        assert_eq!(s.pass_ttl, Duration::from_secs(6 * 3600));
-        assert_eq!(s.state_dir, PathBuf::from("/srv/et"));
-        assert_eq!(s.milter_listen, Some("[::1]:10041".parse().unwrap()));
-        assert_eq!(s.metrics_listen, Some("0.0.0.0:9125".parse().unwrap()));
-        assert_eq!(s.max_connections, 1024);
+        assert_eq!(s.fixed.ifaces, vec!["eth0", "eth1"]);
+        assert_eq!(s.live.ports, vec![25, 587]);
+        assert_eq!(s.live.wait, Duration::from_millis(2500));
+        assert_eq!(s.live.taken(), "defer");
+        assert_eq!(s.fixed.log_format, LogFormat::Json);
+        assert_eq!(s.live.allow.len(), 1);
+        assert_eq!(s.live.pass_ttl, Duration::from_secs(6 * 3600));
+        assert_eq!(s.fixed.state_dir, PathBuf::from("/srv/et"));
+        assert_eq!(s.fixed.milter_listen, Some("[::1]:10041".parse().unwrap()));
+        assert_eq!(
+            s.fixed.metrics_listen,
+            Some("0.0.0.0:9125".parse().unwrap())
+        );
+        assert_eq!(s.fixed.max_connections, 1024);
         let s = with_file(
             &[
                 "-w",
@@ -711,12 +768,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (s.wait, s.action),
+            (s.live.wait, s.live.action),
             (Duration::from_millis(500), Action::Log)
         );
-        assert_eq!(s.ifaces, vec!["lo"]);
+        assert_eq!(s.fixed.ifaces, vec!["lo"]);
         // --allow adds to the file's list.
-        assert_eq!(s.allow.len(), 2);
+        assert_eq!(s.live.allow.len(), 2);
     }
 
     #[test]
@@ -774,21 +831,30 @@ mod tests {
         let mut cli = parse(&[]).unwrap().run;
         cli.config = Some("dist/earlytalker.toml".into());
         let s = Settings::build(&cli, Some(file), || Ok("eth0".into())).unwrap();
-        assert_eq!(s.action, Action::Denysoft);
-        assert_eq!(s.allow.len(), 2);
-        assert_eq!(s.pass_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.live.action, Action::Denysoft);
+        assert_eq!(s.live.allow.len(), 2);
+        assert_eq!(s.live.pass_ttl, Duration::from_secs(86_400));
     }
 
     #[test]
     fn reload_names_what_needs_a_restart() {
         let a = settings(&[]).unwrap();
         let mut b = a.clone();
-        b.wait = Duration::ZERO;
-        b.action = Action::Deny;
-        assert!(a.restart_only_changes(&b).is_empty());
-        b.ifaces = vec!["other".into()];
-        b.log_format = LogFormat::Json;
-        assert_eq!(a.restart_only_changes(&b), vec!["interfaces", "log_format"]);
+        b.live.wait = Duration::ZERO;
+        b.live.action = Action::Deny;
+        assert!(a.fixed.changes(&b.fixed).is_empty());
+        b.fixed.ifaces = vec!["other".into()];
+        b.fixed.log_format = LogFormat::Json;
+        assert_eq!(a.fixed.changes(&b.fixed), vec!["interfaces", "log_format"]);
+        // Every restart-only field is compared, including those a hand-written
+        // list once forgot.
+        let mut c = a.clone();
+        c.fixed.event_buffer *= 2;
+        c.fixed.close_grace = Duration::from_secs(1);
+        assert_eq!(
+            a.fixed.changes(&c.fixed),
+            vec!["close_grace", "event_buffer"]
+        );
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Turning kernel records into verdicts, and remembering early talkers until their
 //! verdict arrives (or until it is clear that no greeting is coming).
 
-use crate::shared::{
-    Conn, ConnKey, Event, EV_EARLY, EV_VERDICT, F_EARLY, F_SYN_DATA, PAYLOAD_MAX, R_CLIENT_RST,
-    R_GREETING, R_SERVER_FIN, R_SERVER_RST,
+use crate::config::Taken;
+use earlytalker_common::{
+    Conn, ConnFlags, ConnKey, Event, EventKind, Reason, Unknown, PAYLOAD_MAX,
 };
 // foldhash: keyed per process (addresses and ports are the client's choice) and
 // several times faster than SipHash on these small keys, looked up per connection.
@@ -60,8 +60,8 @@ pub struct Verdict {
     pub greeting_after_ms: Option<f64>,
     pub payload: Vec<u8>,
     pub syn_data: bool,
-    /// What was done: deny, denysoft, defer or log.
-    pub action: &'static str,
+    /// What was done to an early talker.
+    pub action: Taken,
 }
 
 fn addr(raw: [u8; 16]) -> IpAddr {
@@ -86,8 +86,8 @@ fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
 }
 
 /// Builds the verdict for a connection snapshot ending for `end` at `now_ns`.
-pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: &'static str) -> Verdict {
-    let early = conn.flags & F_EARLY != 0;
+pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: Taken) -> Verdict {
+    let early = conn.has(ConnFlags::EARLY);
     let kind = match (early, end) {
         (true, _) => Kind::EarlyTalker,
         (false, End::Greeting) => Kind::Pass,
@@ -99,37 +99,74 @@ pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: &'stat
         end,
         client: client_of(key),
         server: server_of(key),
-        bytes: if early {
-            conn.client_end.wrapping_sub(conn.client_base)
-        } else {
-            0
-        },
+        bytes: if early { conn.early_bytes() } else { 0 },
         after_ms: early.then(|| ms_between(conn.established_ns, conn.first_ns)),
         greeting_after_ms: (end == End::Greeting).then(|| ms_between(conn.established_ns, now_ns)),
         payload: conn.payload[..len].to_vec(),
-        syn_data: conn.flags & F_SYN_DATA != 0,
+        syn_data: conn.has(ConnFlags::SYN_DATA),
         action,
     }
 }
 
-/// Decodes one ring-buffer record; None if it is not a well-formed Event.
-pub fn decode(buf: &[u8]) -> Option<Event> {
+/// One ring-buffer record, its numbers checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Record {
+    pub kind: EventKind,
+    pub reason: Reason,
+    pub now_ns: u64,
+    pub key: ConnKey,
+    pub conn: Conn,
+}
+
+/// Why a ring-buffer record could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum DecodeError {
+    #[error("a kernel record of {0} bytes is shorter than an event")]
+    Short(usize),
+    #[error("a kernel record has an {0}")]
+    Unknown(Unknown),
+    #[error("a kernel record of kind {0:?} has reason {1:?}")]
+    Mismatch(EventKind, Reason),
+}
+
+/// Decodes one ring-buffer record, converting its kind and reason with a check.
+pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     if buf.len() < std::mem::size_of::<Event>() {
-        return None;
+        return Err(DecodeError::Short(buf.len()));
     }
     // SAFETY: length checked; Event is plain #[repr(C)] data valid for any bytes,
     // read unaligned because ring-buffer records are only 8-byte aligned by contract.
     let ev = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<Event>()) };
-    matches!(ev.kind, EV_EARLY | EV_VERDICT).then_some(ev)
+    let kind = EventKind::try_from(ev.kind).map_err(DecodeError::Unknown)?;
+    let reason = Reason::try_from(ev.reason).map_err(DecodeError::Unknown)?;
+    // What the kernel emits: early events carry no reason, a verdict ends the
+    // pre-greeting phase (a client's FIN alone does not), a close has a FIN or RST.
+    let fits = match kind {
+        EventKind::Early => reason == Reason::None,
+        EventKind::Verdict => !matches!(reason, Reason::None | Reason::ClientFin),
+        EventKind::Closed => !matches!(reason, Reason::None | Reason::Greeting),
+    };
+    if !fits {
+        return Err(DecodeError::Mismatch(kind, reason));
+    }
+    Ok(Record {
+        kind,
+        reason,
+        now_ns: ev.now_ns,
+        key: ev.key,
+        conn: ev.conn,
+    })
 }
 
-fn end_of(reason: u32) -> End {
+/// How a verdict's pre-greeting phase ended, by the kernel's reason.
+fn end_of(reason: Reason) -> End {
     match reason {
-        R_GREETING => End::Greeting,
-        R_CLIENT_RST => End::ClientReset,
-        R_SERVER_FIN => End::ServerClose,
-        R_SERVER_RST => End::ServerReset,
-        _ => End::NoGreeting,
+        Reason::Greeting => End::Greeting,
+        Reason::ClientRst => End::ClientReset,
+        // Never on a verdict: `decode` refuses these.
+        Reason::ClientFin | Reason::None => End::NoGreeting,
+        Reason::ServerFin => End::ServerClose,
+        Reason::ServerRst => End::ServerReset,
     }
 }
 
@@ -140,8 +177,8 @@ fn end_of(reason: u32) -> End {
 /// last `cap` to `2 * cap` identities is plenty. Two generations instead of a FIFO
 /// of removals: one hash insert per record, and dropping a generation is a clear.
 pub struct Dedupe {
-    current: HashSet<(u32, ConnKey, u64)>,
-    previous: HashSet<(u32, ConnKey, u64)>,
+    current: HashSet<(EventKind, ConnKey, u64)>,
+    previous: HashSet<(EventKind, ConnKey, u64)>,
     cap: usize,
 }
 
@@ -156,7 +193,7 @@ impl Dedupe {
     }
 
     /// True the first time this (kind, connection) is seen.
-    pub fn first(&mut self, ev: &Event) -> bool {
+    pub fn first(&mut self, ev: &Record) -> bool {
         let id = (ev.kind, ev.key, ev.conn.established_ns);
         if self.previous.contains(&id) || !self.current.insert(id) {
             return false;
@@ -177,7 +214,7 @@ struct Pending {
 
 /// Early talkers seen, waiting for their final verdict from the kernel.
 pub struct Tracker {
-    action: &'static str,
+    action: Taken,
     grace_ns: u64,
     pending: HashMap<ConnKey, Pending>,
     /// Connections (4-tuple, handshake time) already reported by the sweep, so a
@@ -189,7 +226,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(action: &'static str, grace_ns: u64, limit: usize) -> Self {
+    pub fn new(action: Taken, grace_ns: u64, limit: usize) -> Self {
         Tracker {
             action,
             grace_ns,
@@ -200,14 +237,14 @@ impl Tracker {
     }
 
     /// What is logged as done to early talkers from now on (after a reload).
-    pub fn set_action(&mut self, action: &'static str) {
+    pub fn set_action(&mut self, action: Taken) {
         self.action = action;
     }
 
     /// Handles one kernel record; returns the verdict to log, if any.
-    pub fn on_event(&mut self, ev: &Event) -> Option<Verdict> {
+    pub fn on_event(&mut self, ev: &Record) -> Option<Verdict> {
         match ev.kind {
-            EV_EARLY => {
+            EventKind::Early => {
                 if self.pending.len() >= self.limit {
                     // Do not grow without bound; the kernel verdict still arrives.
                     return None;
@@ -221,7 +258,7 @@ impl Tracker {
                 );
                 None
             }
-            EV_VERDICT => {
+            EventKind::Verdict => {
                 // Both tables hold early talkers only: empty for the usual pass.
                 if !self.pending.is_empty() {
                     self.pending.remove(&ev.key);
@@ -242,7 +279,7 @@ impl Tracker {
                     self.action,
                 ))
             }
-            _ => None,
+            EventKind::Closed => None,
         }
     }
 
@@ -289,7 +326,8 @@ impl Tracker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::shared::{F_EARLY, R_CLIENT_RST, R_GREETING};
+    use EventKind::{Early as EV_EARLY, Verdict as EV_VERDICT};
+    use Reason::{ClientRst as R_CLIENT_RST, Greeting as R_GREETING, None as R_NONE};
 
     pub(crate) fn key4(c: [u8; 4], cp: u16, s: [u8; 4], sp: u16) -> ConnKey {
         let mut ca = [0u8; 16];
@@ -321,7 +359,7 @@ pub(crate) mod tests {
             payload: [0; PAYLOAD_MAX],
         };
         if !early.is_empty() {
-            c.flags |= F_EARLY;
+            c.flags |= ConnFlags::EARLY.bits();
             c.first_ns = 1_003_500_000;
             c.client_end = c.client_base.wrapping_add(early.len() as u32);
             let n = early.len().min(PAYLOAD_MAX);
@@ -331,14 +369,33 @@ pub(crate) mod tests {
         c
     }
 
-    fn ev(kind: u32, reason: u32, key: ConnKey, conn: Conn, now_ns: u64) -> Event {
-        Event {
+    fn ev(kind: EventKind, reason: Reason, key: ConnKey, conn: Conn, now_ns: u64) -> Record {
+        Record {
             kind,
             reason,
             now_ns,
             key,
             conn,
         }
+    }
+
+    /// The bytes the kernel would put in the ring for this record.
+    pub(crate) fn raw(kind: u32, reason: u32, key: ConnKey, conn: Conn) -> Vec<u8> {
+        let e = Event {
+            kind,
+            reason,
+            now_ns: 9,
+            key,
+            conn,
+        };
+        // SAFETY: viewing a plain-data struct as bytes for the test.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&e as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
@@ -359,7 +416,7 @@ pub(crate) mod tests {
             &conn(b"EHLO bot\r\n"),
             End::Greeting,
             2_231_000_000,
-            "log",
+            Taken::Log,
         );
         assert_eq!(v.kind, Kind::EarlyTalker);
         assert_eq!(v.bytes, 10);
@@ -371,41 +428,61 @@ pub(crate) mod tests {
     #[test]
     fn pass_and_hangup() {
         let k = key4([10, 0, 0, 2], 1, [10, 0, 0, 1], 25);
-        let v = verdict(&k, &conn(b""), End::Greeting, 2_000_000_000, "log");
+        let v = verdict(&k, &conn(b""), End::Greeting, 2_000_000_000, Taken::Log);
         assert_eq!((v.kind, v.bytes, v.after_ms), (Kind::Pass, 0, None));
-        let v = verdict(&k, &conn(b""), End::ClientReset, 2_000_000_000, "log");
+        let v = verdict(&k, &conn(b""), End::ClientReset, 2_000_000_000, Taken::Log);
         assert_eq!((v.kind, v.greeting_after_ms), (Kind::Hangup, None));
     }
 
     #[test]
-    fn decode_rejects_short_and_unknown_records() {
-        let e = ev(
-            EV_VERDICT,
-            R_GREETING,
-            key4([1, 2, 3, 4], 5, [6, 7, 8, 9], 25),
-            conn(b""),
-            9,
+    fn decode_round_trips_every_kind_and_rejects_the_rest() {
+        let k = key4([1, 2, 3, 4], 5, [6, 7, 8, 9], 25);
+        for (kind, reason) in [
+            (EV_EARLY, R_NONE),
+            (EV_VERDICT, R_GREETING),
+            (EV_VERDICT, R_CLIENT_RST),
+            (EV_VERDICT, Reason::ServerFin),
+            (EV_VERDICT, Reason::ServerRst),
+            (EventKind::Closed, R_CLIENT_RST),
+            (EventKind::Closed, Reason::ClientFin),
+            (EventKind::Closed, Reason::ServerFin),
+            (EventKind::Closed, Reason::ServerRst),
+        ] {
+            let r = decode(&raw(kind as u32, reason as u32, k, conn(b"EHLO\r\n")))
+                .unwrap_or_else(|e| panic!("{kind:?}/{reason:?}: {e}"));
+            assert_eq!((r.kind, r.reason, r.key), (kind, reason, k));
+            assert_eq!(r.conn.payload[..r.conn.payload_len as usize], *b"EHLO\r\n");
+        }
+        // Every kind the ABI defines is covered above.
+        assert_eq!(EventKind::ALL.len(), 3);
+        let bytes = raw(EV_VERDICT as u32, R_GREETING as u32, k, conn(b""));
+        assert_eq!(decode(&bytes[..10]).unwrap_err(), DecodeError::Short(10));
+        let e = decode(&raw(77, 1, k, conn(b""))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a kernel record has an unknown event kind 77"
         );
-        // SAFETY: viewing a plain-data struct as bytes for the test.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&e as *const Event).cast::<u8>(),
-                std::mem::size_of::<Event>(),
-            )
-        };
-        assert!(decode(bytes).is_some());
-        assert!(decode(&bytes[..10]).is_none());
-        let mut bad = bytes.to_vec();
-        bad[0] = 77;
-        assert!(decode(&bad).is_none());
+        let e = decode(&raw(2, 9, k, conn(b""))).unwrap_err();
+        assert_eq!(e.to_string(), "a kernel record has an unknown end reason 9");
+        assert_eq!(
+            decode(&raw(
+                EV_VERDICT as u32,
+                Reason::ClientFin as u32,
+                k,
+                conn(b"")
+            ))
+            .unwrap_err(),
+            DecodeError::Mismatch(EV_VERDICT, Reason::ClientFin)
+        );
+        assert!(decode(&raw(EV_EARLY as u32, R_GREETING as u32, k, conn(b""))).is_err());
     }
 
     #[test]
     fn tracker_logs_once_and_sweeps_silent_servers() {
-        let mut t = Tracker::new("log", 5_000_000_000, 100);
+        let mut t = Tracker::new(Taken::Log, 5_000_000_000, 100);
         let k = key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25);
         let c = conn(b"EHLO bot\r\n");
-        assert!(t.on_event(&ev(EV_EARLY, 0, k, c, 1)).is_none());
+        assert!(t.on_event(&ev(EV_EARLY, R_NONE, k, c, 1)).is_none());
         assert_eq!(t.pending(), 1);
         // Not yet due (release 2 s + grace 5 s).
         assert!(t.sweep(6_999_999_999, |_| None).is_empty());
@@ -421,13 +498,13 @@ pub(crate) mod tests {
         // ...but a new connection on the same (reused) port is.
         let mut reused = later;
         reused.established_ns += 1_000;
-        t.on_event(&ev(EV_EARLY, 0, k, reused, 9));
+        t.on_event(&ev(EV_EARLY, R_NONE, k, reused, 9));
         assert!(t
             .on_event(&ev(EV_VERDICT, R_GREETING, k, reused, 10))
             .is_some());
         // A verdict in time is logged and clears the pending entry.
         let k2 = key4([10, 0, 0, 3], 40001, [10, 0, 0, 1], 25);
-        t.on_event(&ev(EV_EARLY, 0, k2, c, 1));
+        t.on_event(&ev(EV_EARLY, R_NONE, k2, c, 1));
         let v = t
             .on_event(&ev(EV_VERDICT, R_GREETING, k2, c, 2_100_000_000))
             .unwrap();
@@ -447,7 +524,7 @@ pub(crate) mod tests {
             "the same connection's second verdict is dropped"
         );
         // Its early event is another kind: kept.
-        assert!(d.first(&ev(EV_EARLY, 0, k, c, 5)));
+        assert!(d.first(&ev(EV_EARLY, R_NONE, k, c, 5)));
         // The same port reused later is another connection.
         let mut c2 = c;
         c2.established_ns += 1;
@@ -469,11 +546,11 @@ pub(crate) mod tests {
 
     #[test]
     fn tracker_is_bounded() {
-        let mut t = Tracker::new("log", 1, 2);
+        let mut t = Tracker::new(Taken::Log, 1, 2);
         for p in 0..10 {
             t.on_event(&ev(
                 EV_EARLY,
-                0,
+                R_NONE,
                 key4([1, 1, 1, 1], p, [2, 2, 2, 2], 25),
                 conn(b"x"),
                 1,

@@ -2,11 +2,7 @@
 //! TCX links. A TCX link is a file descriptor owned by this process: if the agent
 //! dies, the kernel detaches the programs and mail flows untouched (fail open).
 
-use crate::config::{max_wait_for_retries, Settings};
-use crate::shared::{
-    Config, Conn, ConnKey, CFG_ENFORCE, CFG_TRACK_EARLY, MAP_ALLOW, MAP_CONFIG, MAP_CONNS,
-    MAP_EVENTS, MAP_HANDSHAKES, MAP_PASSED, MAP_PORTS, MAP_STATS, PORT_WORDS, STAT_NAMES, S_COUNT,
-};
+use crate::config::{max_wait_for_retries, Fixed, Live};
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{
@@ -20,11 +16,18 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
+use earlytalker_common::{
+    CfgFlags, Config, Conn, ConnFlags, ConnKey, Stat, MAP_ALLOW, MAP_CONFIG, MAP_CONNS, MAP_EVENTS,
+    MAP_HANDSHAKES, MAP_PASSED, MAP_PORTS, MAP_STATS, PORT_WORDS, PROG_EGRESS, PROG_INGRESS, STATS,
+};
 use ipnet::IpNet;
 use std::time::Duration;
 use std::{collections::HashSet, net::IpAddr};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/earlytalker.bpf.o"));
+/// The kernel programs, built by build.rs and embedded: the agent needs no file
+/// at run time, and the tests load exactly what the agent loads.
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/earlytalker.bpf.o"));
 
 const TCX_MIN: KernelVersion = KernelVersion::new(6, 6, 0);
 
@@ -79,16 +82,16 @@ pub fn ports_bitmap(ports: &[u16]) -> Vec<u64> {
     words
 }
 
-pub fn config_for(s: &Settings) -> Config {
+pub fn config_for(s: &Live) -> Config {
     let flags = if s.enforce() {
-        CFG_ENFORCE
+        CfgFlags::ENFORCE
     } else {
         // The verdict store needs to hear when an early talker's connection ends.
-        CFG_TRACK_EARLY
+        CfgFlags::TRACK_EARLY
     };
     Config {
         wait_ns: u64::try_from(s.wait.as_nanos()).unwrap_or(u64::MAX),
-        flags,
+        flags: flags.bits(),
         pass_ttl_ns: u64::try_from(s.pass_ttl.as_nanos()).unwrap_or(u64::MAX),
     }
 }
@@ -113,7 +116,8 @@ pub fn allow_key(net: &IpNet) -> (u32, [u8; 16]) {
 }
 
 impl Guard {
-    pub fn load(s: &Settings) -> Result<Self> {
+    pub fn load(fixed: &Fixed, live: &Live) -> Result<Self> {
+        let s = fixed;
         for name in &s.ifaces {
             nix::net::if_::if_nametoindex(name.as_str())
                 .map_err(|_| anyhow::anyhow!("no such network interface: {name}"))?;
@@ -138,13 +142,13 @@ impl Guard {
             logger,
             links: Vec::new(),
         };
-        guard.configure(s)?;
-        guard.attach(s)?;
+        guard.configure(live)?;
+        guard.attach(&fixed.ifaces)?;
         Ok(guard)
     }
 
     /// Writes the run-time settings into the CONFIG and PORTS maps.
-    pub fn configure(&mut self, s: &Settings) -> Result<()> {
+    pub fn configure(&mut self, s: &Live) -> Result<()> {
         let mut cfg: Array<_, Config> = Array::try_from(
             self.ebpf
                 .map_mut(MAP_CONFIG)
@@ -227,20 +231,17 @@ impl Guard {
         let (mut n, mut held) = (0, 0);
         for (_, c) in m.iter().filter_map(Result::ok) {
             n += 1;
-            if c.flags & crate::shared::F_GREETED == 0
-                && c.flags & crate::shared::F_DENY == 0
-                && now_ns < c.release_ns
-            {
+            if !c.has(ConnFlags::GREETED | ConnFlags::DENY) && now_ns < c.release_ns {
                 held += 1;
             }
         }
         (n, held)
     }
 
-    fn attach(&mut self, s: &Settings) -> Result<()> {
+    fn attach(&mut self, ifaces: &[String]) -> Result<()> {
         for (prog, kind) in [
-            ("et_ingress", TcAttachType::Ingress),
-            ("et_egress", TcAttachType::Egress),
+            (PROG_INGRESS, TcAttachType::Ingress),
+            (PROG_EGRESS, TcAttachType::Egress),
         ] {
             let p: &mut SchedClassifier = self
                 .ebpf
@@ -248,7 +249,7 @@ impl Guard {
                 .with_context(|| format!("program {prog} missing from the object"))?
                 .try_into()?;
             p.load().map_err(|e| verifier_error(prog, e))?;
-            for iface in &s.ifaces {
+            for iface in ifaces {
                 // Never fall back to netlink filters: they would outlive the agent.
                 let id = p
                     .attach_with_options(
@@ -280,18 +281,22 @@ impl Guard {
         conns.get(key, 0).ok()
     }
 
-    /// Counters summed over CPUs, with their names.
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+    /// The kernel's counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<(Stat, u64)> {
         let Some(map) = self.ebpf.map(MAP_STATS) else {
             return Vec::new();
         };
         let Ok(stats) = PerCpuArray::<_, u64>::try_from(map) else {
             return Vec::new();
         };
-        (0..S_COUNT)
-            .map(|i| {
-                let sum = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or_default();
-                (STAT_NAMES[i as usize], sum)
+        STATS
+            .iter()
+            .map(|info| {
+                let sum = stats
+                    .get(&(info.stat as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or_default();
+                (info.stat, sum)
             })
             .collect()
     }
@@ -300,8 +305,8 @@ impl Guard {
     pub fn detach(mut self) {
         for (iface, kind, id) in std::mem::take(&mut self.links) {
             let prog = match kind {
-                TcAttachType::Ingress => "et_ingress",
-                _ => "et_egress",
+                TcAttachType::Ingress => PROG_INGRESS,
+                _ => PROG_EGRESS,
             };
             let res = self
                 .ebpf

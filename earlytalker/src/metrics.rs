@@ -1,8 +1,10 @@
 //! Prometheus metrics (`--metrics-listen`), in the standard text exposition
 //! format, built from the same snapshot `earlytalker status` shows.
 
+use crate::counts::AGENT_STATS;
 use crate::status::{Shared, Snapshot};
 use anyhow::{Context, Result};
+use earlytalker_common::STATS;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
@@ -12,76 +14,27 @@ use prometheus_client::{
 };
 use std::net::SocketAddr;
 
-/// Kernel counter name -> (metric name, help).
-const KERNEL: &[(&str, &str, &str)] = &[
-    (
-        "connections_tracked",
-        "connections_tracked",
-        "Connections tracked from their handshake",
-    ),
-    (
-        "passes",
-        "passes",
-        "Clients whose greeting left before they talked",
-    ),
-    (
-        "greeting_segments_held",
-        "greeting_segments_held",
-        "Greeting segments held back (each TCP retry counts)",
-    ),
-    (
-        "events_lost",
-        "events_lost",
-        "Verdict events lost because the ring buffer was full",
-    ),
-    (
-        "conn_map_insert_failures",
-        "conn_map_insert_failures",
-        "Connections left untracked because the table refused them",
-    ),
-    (
-        "handshakes_seen",
-        "handshakes_seen",
-        "SYN-ACKs seen on watched ports",
-    ),
-    ("syn_data", "syn_data", "SYNs carrying data (TCP Fast Open)"),
-    (
-        "closed_before_greeting",
-        "closed_before_greeting",
-        "Early talkers whose connection ended before any greeting",
-    ),
-    (
-        "enforced_segments_dropped",
-        "enforced_segments_dropped",
-        "Segments of denied connections dropped in the kernel",
-    ),
-    (
-        "allowlist_hits",
-        "allowlist_hits",
-        "Connections from allowlisted clients",
-    ),
-    (
-        "pass_cache_hits",
-        "pass_cache_hits",
-        "Connections not held thanks to the pass cache",
-    ),
-    (
-        "teardown_failures",
-        "teardown_failures",
-        "Failed steps of deny/denysoft enforcement",
-    ),
-];
-
 /// Renders the exposition text for a snapshot.
 pub fn render(s: &Snapshot) -> String {
     let mut reg = Registry::with_prefix("earlytalker");
-    for (name, metric, help) in KERNEL {
+    // The kernel's and the agent's counters, named by their tables.
+    let tables = STATS
+        .iter()
+        .filter(|i| i.metric)
+        .map(|i| (i.name, i.help))
+        .chain(
+            AGENT_STATS
+                .iter()
+                .filter(|i| i.metric)
+                .map(|i| (i.name, i.help)),
+        );
+    for (name, help) in tables {
         let v = s
             .counters
             .iter()
-            .find(|(k, _)| k == name)
+            .find(|(k, _)| *k == name)
             .map_or(0, |(_, v)| *v);
-        reg.register(*metric, *help, ConstCounter::new(v));
+        reg.register(name, help, ConstCounter::new(v));
     }
     let early = Family::<Vec<(String, String)>, Counter>::default();
     for (action, n) in &s.by_action {
@@ -104,7 +57,11 @@ pub fn render(s: &Snapshot) -> String {
     for (map, n, cap) in [
         ("connections", s.conns, s.conns_capacity),
         ("pass_cache", s.passed, s.passed_capacity),
-        ("allowlist", s.allow, u64::from(crate::shared::MAX_ALLOW)),
+        (
+            "allowlist",
+            s.allow,
+            u64::from(earlytalker_common::MAX_ALLOW),
+        ),
     ] {
         let l = vec![("map".to_string(), map.to_string())];
         entries.get_or_create(&l).set(n as i64);
@@ -151,7 +108,7 @@ mod tests {
     #[test]
     fn exposition_has_counts_and_labels() {
         let s = Snapshot {
-            counters: vec![("connections_tracked".into(), 7), ("events_lost".into(), 0)],
+            counters: vec![("connections_tracked", 7), ("events_lost", 0)],
             by_action: vec![("deny", 3), ("log", 1)],
             held_now: 2,
             conns: 5,

@@ -107,7 +107,7 @@ pub fn json_value(v: &Verdict) -> Value {
             "bytes": v.bytes,
             "after_ms": v.after_ms,
             "payload": escape(&v.payload),
-            "action": v.action,
+            "action": v.action.as_str(),
             "greeting_after_ms": v.greeting_after_ms,
             "end": v.end.as_str(),
             "syn_data": v.syn_data,
@@ -134,24 +134,25 @@ fn join_ports(p: &[u16]) -> String {
 /// The settings in force, as `status` and the start-up line show them.
 pub fn config_json(s: &Settings) -> Value {
     json!({
-        "interfaces": s.ifaces,
-        "ports": s.ports,
-        "wait": s.wait.as_secs_f64(),
-        "action": s.action.to_string(),
-        "defer_reject": s.defer_reject,
-        "taken": s.taken(),
-        "allow": s.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "pass_ttl": s.pass_ttl.as_secs(),
-        "state_dir": s.state_dir,
-        "max_connections": s.max_connections,
-        "event_buffer": s.event_buffer,
-        "policy_socket": s.policy_socket,
-        "policy_listen": s.policy_listen.map(|a| a.to_string()),
-        "milter_socket": s.milter_socket,
-        "milter_listen": s.milter_listen.map(|a| a.to_string()),
-        "metrics_listen": s.metrics_listen.map(|a| a.to_string()),
-        "control_socket": s.control_socket,
-        "config": s.config,
+        "interfaces": s.fixed.ifaces,
+        "ports": s.live.ports,
+        "wait": s.live.wait.as_secs_f64(),
+        "action": s.live.action.to_string(),
+        "defer_reject": s.live.defer_reject,
+        "taken": s.live.taken().as_str(),
+        "allow": s.live.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "pass_ttl": s.live.pass_ttl.as_secs(),
+        "state_dir": s.fixed.state_dir,
+        "max_connections": s.fixed.max_connections,
+        "event_buffer": s.fixed.event_buffer,
+        "policy_socket": s.fixed.policy_socket,
+        "policy_listen": s.fixed.policy_listen.map(|a| a.to_string()),
+        "milter_socket": s.fixed.milter_socket,
+        "milter_listen": s.fixed.milter_listen.map(|a| a.to_string()),
+        "metrics_listen": s.fixed.metrics_listen.map(|a| a.to_string()),
+        "control_socket": s.fixed.control_socket,
+        "config": s.fixed.config,
+        "close_grace": s.fixed.close_grace.as_secs_f64(),
     })
 }
 
@@ -220,15 +221,15 @@ impl Out {
     pub fn started(&self, s: &Settings, f: &Features) {
         let text = format!(
             "STARTED interfaces={} ports={} wait={}s action={} allow={} pass_ttl={}s kernel={} tcx=yes btf={} sock_destroy={} max_wait={}s (tcp_retries2={})",
-            s.ifaces.join(","),
-            join_ports(&s.ports),
-            secs(s.wait),
-            s.taken(),
-            s.allow.len(),
-            s.pass_ttl.as_secs(),
+            s.fixed.ifaces.join(","),
+            join_ports(&s.live.ports),
+            secs(s.live.wait),
+            s.live.taken(),
+            s.live.allow.len(),
+            s.live.pass_ttl.as_secs(),
             f.kernel,
             if f.btf { "yes" } else { "no" },
-            if s.enforce() { "yes" } else { "unused" },
+            if s.live.enforce() { "yes" } else { "unused" },
             secs(f.max_wait),
             f.tcp_retries2,
         );
@@ -239,29 +240,34 @@ impl Out {
         json["features"] = json!({
             "tcx": true,
             "btf": f.btf,
-            "sock_destroy": if s.enforce() { Value::Bool(true) } else { Value::Null },
+            "sock_destroy": if s.live.enforce() { Value::Bool(true) } else { Value::Null },
         });
         json["max_wait"] = f.max_wait.as_secs_f64().into();
         json["tcp_retries2"] = f.tcp_retries2.into();
         self.emit(text, json);
     }
 
-    /// A SIGHUP reload: applied, or refused with the reason.
-    pub fn reloaded(&self, s: &Settings, refused: Option<&str>) {
-        let (text, mut json) = match refused {
+    /// A SIGHUP reload: applied (naming the restart-only settings it could not
+    /// change), or refused with the reason.
+    pub fn reloaded(&self, s: &Settings, ignored: &[String], refused: Option<&str>) {
+        let (mut text, mut json) = match refused {
             None => (
                 format!(
                     "RELOADED wait={}s action={} allow={} pass_ttl={}s ports={}",
-                    secs(s.wait),
-                    s.taken(),
-                    s.allow.len(),
-                    s.pass_ttl.as_secs(),
-                    join_ports(&s.ports)
+                    secs(s.live.wait),
+                    s.live.taken(),
+                    s.live.allow.len(),
+                    s.live.pass_ttl.as_secs(),
+                    join_ports(&s.live.ports)
                 ),
                 config_json(s),
             ),
             Some(why) => (format!("RELOAD-REFUSED {why}"), json!({"error": why})),
         };
+        if refused.is_none() && !ignored.is_empty() {
+            let _ = write!(text, " restart-needed={}", ignored.join(","));
+            json["restart_needed"] = json!(ignored);
+        }
         json["event"] = if refused.is_none() {
             "reloaded"
         } else {
@@ -325,7 +331,7 @@ impl Out {
         self.emit(text, json);
     }
 
-    pub fn stopped(&self, counters: &[(&str, u64)]) {
+    pub fn stopped(&self, counters: &[(&'static str, u64)]) {
         let text = format!(
             "STOPPED {}",
             counters
@@ -365,13 +371,19 @@ mod tests {
             &conn(b"EHLO bot\r\n"),
             End::Greeting,
             2_231_000_000,
-            "log",
+            crate::config::Taken::Log,
         );
         assert_eq!(
             text(&v),
             "PREGREET 10 after 0.004 from [10.0.0.2]:40000 to [10.0.0.1]:25 action=log greeting after 1.231: EHLO bot\\r\\n"
         );
-        let v = verdict(&k, &conn(b""), End::Greeting, 2_231_000_000, "log");
+        let v = verdict(
+            &k,
+            &conn(b""),
+            End::Greeting,
+            2_231_000_000,
+            crate::config::Taken::Log,
+        );
         assert_eq!(
             text(&v),
             "PASS greeting after 1.231 from [10.0.0.2]:40000 to [10.0.0.1]:25"
@@ -386,7 +398,7 @@ mod tests {
             &conn(b"EHLO bot\r\n"),
             End::Greeting,
             2_231_000_000,
-            "log",
+            crate::config::Taken::Log,
         ));
         assert_eq!(v["event"], "early_talker");
         assert_eq!(v["client"], "10.0.0.2:40000");
@@ -400,7 +412,7 @@ mod tests {
             &conn(b""),
             End::Greeting,
             2_231_000_000,
-            "log",
+            crate::config::Taken::Log,
         ));
         assert_eq!(p["event"], "pass");
         assert_eq!(p["greeting_after_ms"], 1231.0);

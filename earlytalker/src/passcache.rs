@@ -12,7 +12,7 @@ use std::{
 
 pub const FILE_NAME: &str = "pass-cache.json";
 /// Bound on entries read back (the kernel map is bounded the same way).
-const MAX_ENTRIES: usize = crate::shared::DEFAULT_MAX_PASSED as usize;
+const MAX_ENTRIES: usize = earlytalker_common::DEFAULT_MAX_PASSED as usize;
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 struct Saved {

@@ -218,7 +218,7 @@ mod tests {
     #[test]
     fn early_talkers_are_refused_at_mail_and_rcpt() {
         let now = Instant::now();
-        let mut s = Store::new(10);
+        let mut s = Store::new(10, crate::config::CLOSE_GRACE);
         let c: SocketAddr = "10.0.0.2:40000".parse().unwrap();
         s.insert(
             c,
@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn unusable_requests_get_dunno_with_a_reason() {
-        let s = Store::new(1);
+        let s = Store::new(1, crate::config::CLOSE_GRACE);
         let now = Instant::now();
         for r in [
             req(&[("request", "junk")]),
@@ -288,7 +288,7 @@ mod tests {
     #[test]
     fn ipv4_mapped_addresses_match() {
         let now = Instant::now();
-        let mut s = Store::new(10);
+        let mut s = Store::new(10, crate::config::CLOSE_GRACE);
         s.insert(
             "10.0.0.2:5".parse().unwrap(),
             "10.0.0.1:25".parse().unwrap(),

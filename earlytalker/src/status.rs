@@ -23,7 +23,7 @@ pub const RECENT: usize = 20;
 #[derive(Default, Debug, Clone)]
 pub struct Snapshot {
     /// Kernel and agent counters, by name.
-    pub counters: Vec<(String, u64)>,
+    pub counters: Vec<(&'static str, u64)>,
     /// Early talkers by what was done to them.
     pub by_action: Vec<(&'static str, u64)>,
     pub config: Value,
@@ -53,7 +53,7 @@ impl Snapshot {
         let counters: serde_json::Map<String, Value> = self
             .counters
             .iter()
-            .map(|(k, v)| (k.clone(), Value::from(*v)))
+            .map(|(k, v)| ((*k).to_string(), Value::from(*v)))
             .collect();
         json!({
             "config": self.config,
@@ -221,7 +221,7 @@ mod tests {
                 &conn(b""),
                 End::Greeting,
                 2_000_000_000,
-                "log",
+                crate::config::Taken::Log,
             ));
         }
         assert_eq!(s.recent.len(), RECENT);
@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(j["recent_verdicts"][0]["event"], "pass");
         assert!(j["recent_verdicts"][0]["ts"].is_string());
         s.config = json!({"interfaces": ["eth0"], "ports": [25], "wait": 1.0, "action": "deny", "defer_reject": false, "pass_ttl": 86400});
-        s.counters = vec![("early_talkers".into(), 3)];
+        s.counters = vec![("early_talkers", 3)];
         let text = render(&s.to_json());
         assert!(
             text.starts_with("earlytalker on eth0 port(s) 25: wait 1.0 s, action deny\n"),

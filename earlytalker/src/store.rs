@@ -10,8 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// After the connection closes, the MTA may still be finishing its transaction.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(30);
 /// Bound for connections whose close was never seen (e.g. evicted from the LRU).
 pub const MAX_AGE: Duration = Duration::from_secs(3600);
 
@@ -29,13 +27,17 @@ pub struct Entry {
 pub struct Store {
     map: HashMap<SocketAddr, Entry>,
     limit: usize,
+    /// After the connection closes, the MTA may still be finishing its
+    /// transaction (`--close-grace`, 30 s).
+    close_grace: Duration,
 }
 
 impl Store {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, close_grace: Duration) -> Self {
         Store {
             map: HashMap::new(),
             limit,
+            close_grace,
         }
     }
 
@@ -88,11 +90,16 @@ impl Store {
     }
 
     pub fn lookup(&self, client: &SocketAddr, now: Instant) -> Option<&Entry> {
-        self.map.get(client).filter(|e| live(e, now))
+        self.map.get(client).filter(|e| self.live_at(e, now))
     }
 
     pub fn expire(&mut self, now: Instant) {
-        self.map.retain(|_, e| live(e, now));
+        let grace = self.close_grace;
+        self.map.retain(|_, e| live(e, now, grace));
+    }
+
+    fn live_at(&self, e: &Entry, now: Instant) -> bool {
+        live(e, now, self.close_grace)
     }
 
     /// Entries held (expired ones go at the next `expire`).
@@ -101,9 +108,9 @@ impl Store {
     }
 }
 
-fn live(e: &Entry, now: Instant) -> bool {
+fn live(e: &Entry, now: Instant, close_grace: Duration) -> bool {
     now.duration_since(e.created) < MAX_AGE
-        && e.closed.is_none_or(|c| now.duration_since(c) < CLOSE_GRACE)
+        && e.closed.is_none_or(|c| now.duration_since(c) < close_grace)
 }
 
 #[cfg(test)]
@@ -117,7 +124,7 @@ mod tests {
     #[test]
     fn lives_until_close_plus_grace() {
         let t0 = Instant::now();
-        let mut s = Store::new(10);
+        let mut s = Store::new(10, crate::config::CLOSE_GRACE);
         s.insert(a(1), a(25), Action::Deny, true, 10, t0);
         assert!(s.lookup(&a(1), t0 + Duration::from_secs(600)).is_some());
         assert!(s.lookup(&a(2), t0).is_none());
@@ -130,7 +137,7 @@ mod tests {
     #[test]
     fn bounded() {
         let t0 = Instant::now();
-        let mut s = Store::new(3);
+        let mut s = Store::new(3, crate::config::CLOSE_GRACE);
         for p in 0..10 {
             s.insert(
                 a(p),

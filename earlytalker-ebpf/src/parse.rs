@@ -1,0 +1,263 @@
+//! Bounded L2/L3/L4 parsing: Ethernet (up to two VLAN tags), IPv4 or IPv6 (up to
+//! four extension headers), TCP. No payload is parsed.
+
+use crate::maps::port_watched;
+use aya_ebpf::programs::TcContext;
+use earlytalker_common::ConnKey;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const VLAN_HLEN: usize = 4;
+
+/// Which end of the segment is the watched server port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to server: the destination port is watched.
+    Ingress,
+    /// Server to client: the source port is watched.
+    Egress,
+}
+
+/// A parsed TCP segment; ports in host order, addresses as in ConnKey (kept as
+/// words: byte arrays merged across the IPv4/IPv6 paths compile to per-byte moves).
+pub struct Seg {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+    /// Offset of the TCP payload from the start of the packet.
+    pub payload_off: usize,
+    pub payload_len: u32,
+}
+
+impl Seg {
+    /// The connection's key, the client being the source on ingress.
+    #[inline(always)]
+    pub fn key(&self, dir: Dir) -> ConnKey {
+        let (client, server, cport, sport) = match dir {
+            Dir::Ingress => (self.src, self.dst, self.sport, self.dport),
+            Dir::Egress => (self.dst, self.src, self.dport, self.sport),
+        };
+        ConnKey {
+            client_addr: addr_bytes(client),
+            server_addr: addr_bytes(server),
+            client_port: cport,
+            server_port: sport,
+            pad: 0,
+        }
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn be32(b: [u8; 4]) -> u32 {
+    u32::from_be_bytes(b)
+}
+
+/// IPv4 address (as in the packet) to IPv4-mapped IPv6 (`::ffff:a.b.c.d`), as words.
+#[inline(always)]
+fn mapped(a: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), a]
+}
+
+/// Address words back to the bytes ConnKey stores: the same 16 bytes in memory.
+#[inline(always)]
+fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern is valid for both.
+    unsafe { core::mem::transmute(w) }
+}
+
+/// An unaligned word load from the packet (bounds checked by the caller's ptr_at).
+#[inline(always)]
+fn load<T: Copy>(p: *const T) -> T {
+    // SAFETY: the caller checked the bounds; the kernel allows unaligned packet loads.
+    unsafe { core::ptr::read_unaligned(p) }
+}
+
+/// Sequence-space "a is after b" (RFC 1982 style).
+#[inline(always)]
+pub fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// Returns None for anything that is not a TCP segment we can read the header of
+/// (including non-first IP fragments), or whose server port (by `dir`) is not
+/// watched: that check comes before any address is copied, so other traffic
+/// costs a few loads and one array lookup.
+#[inline(always)]
+pub fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut proto = u16::from_be(unsafe { (*eth).ether_type });
+    let mut off = EthHdr::LEN;
+    // At most two VLAN tags (802.1ad + 802.1Q); usually offloaded into skb metadata.
+    for _ in 0..2 {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let tag: *const [u8; 4] = ptr_at(ctx, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        proto = be16(unsafe { [(*tag)[2], (*tag)[3]] });
+        off += VLAN_HLEN;
+    }
+
+    let ip_off = off;
+    let (v6, l4_off, l4_len) = match proto {
+        ETH_P_IP => {
+            let (o, l) = ipv4(ctx, off)?;
+            (false, o, l)
+        }
+        ETH_P_IPV6 => {
+            let (o, l) = ipv6(ctx, off)?;
+            (true, o, l)
+        }
+        _ => return None,
+    };
+    off = l4_off;
+
+    let tcp: *const TcpHdr = ptr_at(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let tcp = unsafe { &*tcp };
+    let sport = be16(tcp.source);
+    let dport = be16(tcp.dest);
+    if !port_watched(if dir == Dir::Ingress { dport } else { sport }) {
+        return None;
+    }
+    let doff = u32::from(tcp.doff()) * 4;
+    if doff < 20 || doff > l4_len {
+        return None;
+    }
+    let (src, dst) = if v6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, ip_off)?;
+        // SAFETY: bounds checked by ptr_at; only field addresses are taken here.
+        unsafe {
+            (
+                load((&raw const (*ip).src_addr).cast::<[u32; 4]>()),
+                load((&raw const (*ip).dst_addr).cast::<[u32; 4]>()),
+            )
+        }
+    } else {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off)?;
+        // SAFETY: as above.
+        unsafe {
+            (
+                mapped(load((&raw const (*ip).src_addr).cast::<u32>())),
+                mapped(load((&raw const (*ip).dst_addr).cast::<u32>())),
+            )
+        }
+    };
+    Some(Seg {
+        src,
+        dst,
+        sport,
+        dport,
+        seq: be32(tcp.seq),
+        ack_seq: be32(tcp.ack_seq),
+        syn: tcp.syn() != 0,
+        ack: tcp.ack() != 0,
+        fin: tcp.fin() != 0,
+        rst: tcp.rst() != 0,
+        payload_off: off + doff as usize,
+        payload_len: l4_len - doff,
+    })
+}
+
+/// IPv4 header at `off`: (offset of the TCP header, bytes from there on).
+#[inline(always)]
+fn ipv4(ctx: &TcContext, off: usize) -> Option<(usize, u32)> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.proto != IPPROTO_TCP {
+        return None;
+    }
+    // Fragment offset != 0: no TCP header here.
+    if be16(ip.frags) & 0x1fff != 0 {
+        return None;
+    }
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    if ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let tot = u32::from(be16(ip.tot_len));
+    // tot_len 0 is BIG TCP (> 64 KiB); fall back to the skb length.
+    let tot = if tot == 0 {
+        ctx.len().saturating_sub(off as u32)
+    } else {
+        tot
+    };
+    Some((off + ihl, tot.saturating_sub(ihl as u32)))
+}
+
+/// IPv6 header at `off`, with up to four extension headers (hop-by-hop, routing,
+/// destination options; a fragment header ends the walk unless it is the first
+/// fragment): (offset of the TCP header, bytes from there on).
+#[inline(always)]
+fn ipv6(ctx: &TcContext, mut off: usize) -> Option<(usize, u32)> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let mut next = ip.next_hdr;
+    let mut plen = u32::from(be16(ip.payload_len));
+    if plen == 0 {
+        plen = ctx.len().saturating_sub((off + Ipv6Hdr::LEN) as u32);
+    }
+    off += Ipv6Hdr::LEN;
+    for _ in 0..4 {
+        match next {
+            0 | 43 | 60 => {
+                let h: *const [u8; 2] = ptr_at(ctx, off)?;
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { *h };
+                let len = (usize::from(h[1]) + 1) * 8;
+                next = h[0];
+                off += len;
+                plen = plen.saturating_sub(len as u32);
+            }
+            44 => {
+                let h: *const [u8; 4] = ptr_at(ctx, off)?;
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { *h };
+                if be16([h[2], h[3]]) & 0xfff8 != 0 {
+                    return None;
+                }
+                next = h[0];
+                off += 8;
+                plen = plen.saturating_sub(8);
+            }
+            _ => break,
+        }
+    }
+    if next != IPPROTO_TCP {
+        return None;
+    }
+    Some((off, plen))
+}

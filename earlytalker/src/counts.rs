@@ -1,0 +1,136 @@
+//! What the agent counts beside the kernel's STATS: early talkers by what was
+//! done to them, failed enforcement steps, and kernel records it could not read.
+//! One table names them for the STOPPED line, `status` and the metrics, like
+//! earlytalker-common's table does for the kernel's counters.
+
+use crate::config::Taken;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentStat {
+    Deny,
+    Denysoft,
+    Defer,
+    Log,
+    TeardownFailures,
+    RecordsRejected,
+}
+
+pub struct AgentStatInfo {
+    pub stat: AgentStat,
+    pub name: &'static str,
+    pub help: &'static str,
+    /// Exported as a metric of its own (the actions are exported as one family,
+    /// `early_talkers{action=…}`).
+    pub metric: bool,
+}
+
+const fn s(stat: AgentStat, name: &'static str, help: &'static str, metric: bool) -> AgentStatInfo {
+    AgentStatInfo {
+        stat,
+        name,
+        help,
+        metric,
+    }
+}
+
+/// Indexed by `AgentStat`.
+pub const AGENT_STATS: [AgentStatInfo; 6] = [
+    s(
+        AgentStat::Deny,
+        "action_deny",
+        "Early talkers denied",
+        false,
+    ),
+    s(
+        AgentStat::Denysoft,
+        "action_denysoft",
+        "Early talkers denied softly",
+        false,
+    ),
+    s(
+        AgentStat::Defer,
+        "action_defer",
+        "Early talkers left to the MTA to refuse",
+        false,
+    ),
+    s(
+        AgentStat::Log,
+        "action_log",
+        "Early talkers only logged",
+        false,
+    ),
+    s(
+        AgentStat::TeardownFailures,
+        "teardown_failures",
+        "Failed steps of deny/denysoft enforcement",
+        true,
+    ),
+    s(
+        AgentStat::RecordsRejected,
+        "kernel_records_rejected",
+        "Kernel records the agent could not read (unknown kind or reason, short record)",
+        true,
+    ),
+];
+
+const _: () = {
+    let mut i = 0;
+    while i < AGENT_STATS.len() {
+        assert!(AGENT_STATS[i].stat as usize == i);
+        i += 1;
+    }
+};
+
+impl AgentStat {
+    pub fn of(t: Taken) -> Self {
+        match t {
+            Taken::Deny => AgentStat::Deny,
+            Taken::Denysoft => AgentStat::Denysoft,
+            Taken::Defer => AgentStat::Defer,
+            Taken::Log => AgentStat::Log,
+        }
+    }
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct Counts([u64; AGENT_STATS.len()]);
+
+impl Counts {
+    pub fn add(&mut self, s: AgentStat) {
+        self.0[s as usize] += 1;
+    }
+
+    pub fn get(&self, s: AgentStat) -> u64 {
+        self.0[s as usize]
+    }
+
+    /// Early talkers by what was done to them.
+    pub fn by_action(&self) -> Vec<(Taken, u64)> {
+        Taken::ALL
+            .iter()
+            .map(|t| (*t, self.get(AgentStat::of(*t))))
+            .collect()
+    }
+
+    /// Every counter with its name, in table order.
+    pub fn list(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        AGENT_STATS.iter().map(|i| (i.name, self.get(i.stat)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_name_and_action() {
+        let mut c = Counts::default();
+        c.add(AgentStat::of(Taken::Defer));
+        c.add(AgentStat::RecordsRejected);
+        c.add(AgentStat::RecordsRejected);
+        let l: Vec<_> = c.list().collect();
+        assert_eq!(l[2], ("action_defer", 1));
+        assert_eq!(l[5], ("kernel_records_rejected", 2));
+        assert_eq!(c.by_action()[2], (Taken::Defer, 1));
+    }
+}

@@ -1,0 +1,441 @@
+//! The running agent: start-up (every failure one `StartError`, exit status 2,
+//! nothing left attached), then an event loop with one method per wake-up
+//! source: kernel records, the periodic tick, SIGHUP, and the stop signals.
+
+use crate::{
+    actions::Enforcer,
+    config::{self, RunArgs, Settings},
+    iface, listen,
+    loader::{self, Features, Guard},
+    metrics, milter,
+    output::{self, Out},
+    passcache,
+    pipeline::Pipeline,
+    policy, privs, status,
+    store::Store,
+};
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use earlytalker_common::{Stat, DEFAULT_MAX_PASSED};
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+/// How long after the end of the hold the agent waits for a greeting before it
+/// reports an early talker on its own (the MTA may be stuck or never greet).
+const NO_GREETING_GRACE: Duration = Duration::from_secs(5);
+/// The pass cache is saved this often (and at exit and on SIGHUP).
+const SAVE_EVERY: Duration = Duration::from_secs(600);
+/// Records the kernel submits without a wakeup wait at most this long.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+const TICK_EVERY: Duration = Duration::from_millis(500);
+
+/// Why the agent could not start. Each maps to exit status 2 with one line, in
+/// `main`; whatever was attached is detached as the partial state drops.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0:#}")]
+    Config(anyhow::Error),
+    #[error("{0:#}")]
+    Kernel(anyhow::Error),
+    #[error("{0:#}")]
+    Privilege(anyhow::Error),
+    #[error("{0:#}")]
+    Attach(anyhow::Error),
+    #[error("{0:#}")]
+    Service(anyhow::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("dropping privileges: {0:#}")]
+    DropPrivileges(anyhow::Error),
+}
+
+impl StartError {
+    /// Bad flags, configuration, privilege or kernel feature.
+    pub const EXIT_STATUS: u8 = 2;
+}
+
+fn retries_why(f: &Features) -> String {
+    format!("net.ipv4.tcp_retries2 = {}", f.tcp_retries2)
+}
+
+/// Starts the agent; returns when it was told to stop (Ok) or a fatal error
+/// stopped it after start-up (Err of the outer Ok).
+pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
+    let level = if args.verbose { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .target(env_logger::Target::Stderr)
+        .init();
+
+    let settings = Settings::load(&args, iface::default_iface).map_err(StartError::Config)?;
+    let features = loader::detect().map_err(StartError::Kernel)?;
+    settings
+        .check_wait(features.max_wait, &retries_why(&features))
+        .map_err(StartError::Kernel)?;
+    // Opened before anything is attached, so a missing capability fails cleanly;
+    // opened in every mode, so that a reload to deny needs no privilege later.
+    let mut enforcer = Enforcer::new().map_err(StartError::Privilege)?;
+    if settings.live.enforce() {
+        enforcer.probe_destroy().map_err(StartError::Kernel)?;
+    }
+    let guard = Guard::load(&settings.fixed, &settings.live).map_err(StartError::Attach)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let out = Out::new(settings.fixed.log_format);
+    let store = Arc::new(Mutex::new(Store::new(
+        settings.fixed.max_connections as usize,
+        settings.fixed.close_grace,
+    )));
+    let snap: status::Shared = Arc::default();
+    rt.block_on(services(&settings, &store, out, &snap))
+        .map_err(StartError::Service)?;
+    // Everything privileged is done: attached, sockets bound and handed over.
+    privs::drop_privileges().map_err(StartError::DropPrivileges)?;
+    // Threads only after the drop: capabilities are per thread.
+    if let Some(addr) = settings.fixed.metrics_listen {
+        metrics::serve(addr, snap.clone()).map_err(StartError::Service)?;
+    }
+    let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
+    let pipeline = Pipeline::new(
+        out,
+        store,
+        Some(enforcer),
+        snap.clone(),
+        &settings.live,
+        grace,
+        settings.fixed.max_connections as usize,
+    );
+    let daemon = Daemon {
+        guard,
+        features,
+        pipeline,
+        out,
+        snap,
+        args,
+        s: settings,
+        ticks: 0,
+        lost_seen: 0,
+        last_save: Instant::now(),
+    };
+    Ok(rt.block_on(daemon.event_loop()))
+}
+
+/// The policy service, the milter and the control socket, bound before the
+/// privileges are dropped.
+async fn services(
+    s: &Settings,
+    store: &Arc<Mutex<Store>>,
+    out: Out,
+    snap: &status::Shared,
+) -> Result<()> {
+    let f = &s.fixed;
+    let group = f.socket_group.as_deref();
+    listen::start(
+        "policy",
+        f.policy_socket.clone(),
+        f.policy_listen,
+        group,
+        policy::Policy {
+            store: store.clone(),
+            out,
+        },
+    )
+    .await?;
+    listen::start(
+        "milter",
+        f.milter_socket.clone(),
+        f.milter_listen,
+        group,
+        milter::MilterService {
+            store: store.clone(),
+            out,
+        },
+    )
+    .await?;
+    status::serve(f.control_socket.clone(), snap.clone()).await
+}
+
+fn monotonic_ns() -> u64 {
+    // Same clock as bpf_ktime_get_ns.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+struct Daemon {
+    guard: Guard,
+    features: Features,
+    pipeline: Pipeline,
+    out: Out,
+    snap: status::Shared,
+    /// The command line, re-applied over the file on every reload.
+    args: RunArgs,
+    s: Settings,
+    ticks: u64,
+    lost_seen: u64,
+    last_save: Instant,
+}
+
+impl Daemon {
+    async fn event_loop(mut self) -> Result<()> {
+        // SAFETY: RingBuf and EbpfLogger own their map fd until dropped, which only
+        // happens together with the AsyncFd wrapping them.
+        let mut ring = unsafe {
+            AsyncFd::register_with_interest(self.guard.take_events()?, Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
+        let mut klog = match self.guard.logger.take() {
+            // SAFETY: as above.
+            Some(l) => Some(
+                unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                    .map_err(|e| anyhow::anyhow!("watching the kernel log: {e}"))?,
+            ),
+            None => None,
+        };
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(TICK_EVERY);
+        // Most records are submitted without waking us (see the kernel's emit()).
+        let mut poll = tokio::time::interval(POLL_EVERY);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+
+        self.on_start();
+        loop {
+            tokio::select! {
+                r = ring.readable_mut() => {
+                    let mut g = r.context("event ring buffer")?;
+                    self.on_records(g.get_inner_mut());
+                    g.clear_ready();
+                }
+                _ = poll.tick() => self.on_records(ring.get_mut()),
+                r = async { klog.as_mut().expect("guarded").readable_mut().await }, if klog.is_some() => {
+                    let mut g = r.context("kernel log ring buffer")?;
+                    g.get_inner_mut().flush();
+                    g.clear_ready();
+                }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = sighup.recv() => self.on_reload(),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        // Verdicts already in the ring are still reported.
+        self.on_records(ring.get_mut());
+        if let Some(k) = klog.as_mut() {
+            k.get_mut().flush();
+        }
+        drop(ring);
+        self.on_stop();
+        Ok(())
+    }
+
+    fn on_start(&mut self) {
+        self.restore_passes();
+        self.snap.lock().expect("snapshot lock").started_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.refresh(true, true);
+        self.out.started(&self.s, &self.features);
+        log::info!(
+            "watching {} on port(s) {:?}; greeting held {} s (this kernel allows up to {} s)",
+            self.s.fixed.ifaces.join(", "),
+            self.s.live.ports,
+            config::secs(self.s.live.wait),
+            config::secs(self.features.max_wait)
+        );
+    }
+
+    /// Kernel records waiting in the ring buffer, then their lines out at once.
+    fn on_records(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            self.pipeline.record(&item);
+        }
+        self.out.flush();
+    }
+
+    /// Every 500 ms: early talkers whose greeting never came, expired verdicts,
+    /// the status snapshot, lost records, and the periodic pass-cache save.
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        let guard = &self.guard;
+        self.pipeline.sweep(monotonic_ns(), |k| guard.lookup(k));
+        self.out.flush();
+        // Walking a map costs a syscall per entry: the connection table (small:
+        // pre-greeting entries) every 5 s, the pass cache (up to 131,072
+        // addresses) every 30 s.
+        let lost = self.refresh(self.ticks.is_multiple_of(10), self.ticks.is_multiple_of(60));
+        // Never silent: verdicts the kernel could not hand over.
+        if lost > self.lost_seen {
+            log::warn!(
+                "{} verdict events lost (ring buffer full)",
+                lost - self.lost_seen
+            );
+            self.out.lost(lost - self.lost_seen, lost);
+            self.lost_seen = lost;
+        }
+        if self.last_save.elapsed() >= SAVE_EVERY {
+            self.save_passes();
+            self.last_save = Instant::now();
+        }
+    }
+
+    /// SIGHUP: re-reads the file, re-applies the flags, and applies the live
+    /// settings whole; restart-only changes are named and left as they run. An
+    /// invalid configuration is refused whole.
+    fn on_reload(&mut self) {
+        let cur_iface = self.s.fixed.ifaces.clone();
+        let res = Settings::load(&self.args, || Ok(cur_iface[0].clone())).and_then(|new| {
+            new.check_wait(self.features.max_wait, &retries_why(&self.features))?;
+            if new.live.enforce() && !self.s.live.enforce() {
+                if let Some(e) = self.pipeline.enforcer() {
+                    e.probe_destroy()?;
+                }
+            }
+            self.guard.configure(&new.live)?;
+            Ok(new)
+        });
+        match res {
+            Ok(new) => {
+                let ignored = self.s.fixed.changes(&new.fixed);
+                if !ignored.is_empty() {
+                    log::warn!(
+                        "reload: {} changed but need(s) a restart; keeping the running value(s)",
+                        ignored.join(", ")
+                    );
+                }
+                self.s.live = new.live;
+                self.pipeline.set_policy(&self.s.live);
+                self.out.reloaded(&self.s, &ignored, None);
+                self.save_passes();
+            }
+            Err(e) => {
+                log::error!("reload refused, the old configuration stays: {e:#}");
+                self.out.reloaded(&self.s, &[], Some(&format!("{e:#}")));
+            }
+        }
+    }
+
+    fn on_stop(self) {
+        self.save_passes();
+        self.out.stopped(&self.counters(&self.guard.counters()));
+        let f = &self.s.fixed;
+        for p in [&f.policy_socket, &f.milter_socket].into_iter().flatten() {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_file(&f.control_socket);
+        self.guard.detach();
+        log::info!("detached; exiting");
+    }
+
+    /// The kernel's counters (as read), then the agent's, by name.
+    fn counters(&self, kernel: &[(Stat, u64)]) -> Vec<(&'static str, u64)> {
+        let mut c: Vec<(&'static str, u64)> = kernel.iter().map(|(s, v)| (s.name(), *v)).collect();
+        c.extend(self.pipeline.counts.list());
+        c
+    }
+
+    /// Refreshes what status and metrics show; `conns` also walks the connection
+    /// table, `passes` counts the pass cache (both a syscall per entry). Returns
+    /// the kernel's count of lost records.
+    fn refresh(&mut self, conns: bool, passes: bool) -> u64 {
+        let kernel = self.guard.counters();
+        let lost = kernel
+            .iter()
+            .find(|(s, _)| *s == Stat::EventsLost)
+            .map_or(0, |(_, v)| *v);
+        let counters = self.counters(&kernel);
+        let store_len = self.pipeline.store.lock().expect("store lock").live();
+        let by_action = self
+            .pipeline
+            .counts
+            .by_action()
+            .into_iter()
+            .map(|(t, n)| (t.as_str(), n))
+            .collect();
+        let (n_conns, held) = if conns {
+            let (n, h) = self.guard.conn_fill(monotonic_ns());
+            (Some(n), h)
+        } else {
+            (None, 0)
+        };
+        let n_passed = passes.then(|| self.guard.passed_count());
+        let mut snap = self.snap.lock().expect("snapshot lock");
+        snap.counters = counters;
+        snap.by_action = by_action;
+        snap.config = output::config_json(&self.s);
+        snap.allow = self.s.live.allow.len() as u64;
+        snap.conns_capacity = u64::from(self.s.fixed.max_connections);
+        snap.passed_capacity = u64::from(DEFAULT_MAX_PASSED);
+        snap.verdict_store = store_len as u64;
+        if let Some(n) = n_conns {
+            snap.conns = n;
+            snap.held_now = held;
+        }
+        if let Some(n) = n_passed {
+            snap.passed = n;
+        }
+        lost
+    }
+
+    fn save_passes(&self) {
+        if self.s.live.pass_ttl.is_zero() {
+            return;
+        }
+        let now = monotonic_ns();
+        let entries: Vec<(IpAddr, Duration)> = self
+            .guard
+            .passed()
+            .into_iter()
+            .map(|(a, t)| {
+                (
+                    Ipv6Addr::from(a).to_canonical(),
+                    Duration::from_nanos(now.saturating_sub(t)),
+                )
+            })
+            .filter(|(_, age)| *age < self.s.live.pass_ttl)
+            .collect();
+        if let Err(e) = passcache::save(&self.s.fixed.state_dir, &entries, SystemTime::now()) {
+            log::warn!("pass cache not saved: {e:#}");
+        }
+    }
+
+    fn restore_passes(&mut self) {
+        let (dir, ttl) = (&self.s.fixed.state_dir, self.s.live.pass_ttl);
+        if ttl.is_zero() {
+            return;
+        }
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            log::warn!(
+                "state directory {}: {e}; the pass cache will not survive a restart",
+                dir.display()
+            );
+            return;
+        }
+        match passcache::load(dir, ttl, SystemTime::now()) {
+            Ok(entries) => {
+                let now = monotonic_ns();
+                let kernel: Vec<([u8; 16], u64)> = entries
+                    .iter()
+                    .filter(|(_, age)| (age.as_nanos() as u64) < now)
+                    .map(|(ip, age)| (loader::mapped(*ip), now - age.as_nanos() as u64))
+                    .collect();
+                match self.guard.restore_passed(&kernel) {
+                    Ok(n) if n > 0 => log::info!("pass cache: {n} address(es) restored"),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("pass cache not restored: {e:#}"),
+                }
+            }
+            Err(e) => log::warn!("pass cache not restored: {e:#}"),
+        }
+    }
+}

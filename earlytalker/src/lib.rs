@@ -1,0 +1,29 @@
+//! earlytalker: catches SMTP clients that talk before the greeting, in the kernel,
+//! in front of any unmodified MTA.
+//!
+//! The agent's modules, by concern. A library so that the test suite takes its
+//! constants (reply text, the embedded kernel object) from the agent itself.
+//!
+//! * start-up and the event loop: `daemon`; what a kernel record leads to:
+//!   `pipeline` (with `events`, `store`, `actions`, `output`, `counts`);
+//! * the kernel side: `loader` (load, configure, attach), `iface`, `privs`;
+//! * what the MTA and the operator ask: `policy`, `milter`, `listen`, `status`,
+//!   `metrics`; settings: `config`; the pass cache on disk: `passcache`.
+
+pub mod actions;
+pub mod config;
+pub mod counts;
+pub mod daemon;
+pub mod events;
+pub mod iface;
+pub mod listen;
+pub mod loader;
+pub mod metrics;
+pub mod milter;
+pub mod output;
+pub mod passcache;
+pub mod pipeline;
+pub mod policy;
+pub mod privs;
+pub mod status;
+pub mod store;
