@@ -121,11 +121,12 @@ pub fn client_data(
 }
 
 /// Final event for a connection's pre-greeting phase. Its entry is forgotten,
-/// unless defer-reject needs to hear when an early talker's connection ends.
+/// unless defer-reject needs to hear when an early talker's connection ends:
+/// returns whether it was kept (and `conn` is still its entry).
 #[inline(always)]
-pub fn verdict(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64, cfg: &Config) {
+pub fn verdict(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64, cfg: &Config) -> bool {
     if !claim(conn, ConnFlags::REPORTED) {
-        return;
+        return false;
     }
     let early = conn.has(ConnFlags::EARLY);
     if reason == Reason::Greeting {
@@ -142,8 +143,10 @@ pub fn verdict(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64, cfg:
     emit(EventKind::Verdict, reason, key, conn, now_ns);
     if reason == Reason::Greeting && early && cfg.has(CfgFlags::TRACK_EARLY) {
         set_flags(conn, ConnFlags::GREETED);
+        true
     } else {
         let _ = CONNS.remove(key);
+        false
     }
 }
 

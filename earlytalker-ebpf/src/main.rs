@@ -113,7 +113,7 @@ fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -
     let now_ns = now();
     let cfg = config();
     if seg.rst {
-        verdict(key, conn, Reason::ClientRst, now_ns, &cfg);
+        let _ = verdict(key, conn, Reason::ClientRst, now_ns, &cfg);
         return NEXT;
     }
     let mut act = NEXT;
@@ -240,13 +240,19 @@ fn egress_tracked(seg: &Seg, key: &ConnKey, conn: &mut Conn) -> i32 {
             stat(Stat::HoldDrops);
             return TC_ACT_SHOT;
         }
-        verdict(key, conn, Reason::Greeting, now_ns, &cfg);
+        let kept = verdict(key, conn, Reason::Greeting, now_ns, &cfg);
+        // The greeting and the MTA's close in one segment (it read the early
+        // bytes and the client's FIN, answered and closed while the greeting
+        // was held, and TCP sent it all at once): this segment is also the end.
+        if kept && (seg.fin || seg.rst) {
+            settled(seg, key, conn, Reason::ServerRst, Reason::ServerFin);
+        }
         return NEXT;
     }
     if seg.rst {
-        verdict(key, conn, Reason::ServerRst, now_ns, &cfg);
+        let _ = verdict(key, conn, Reason::ServerRst, now_ns, &cfg);
     } else if seg.fin {
-        verdict(key, conn, Reason::ServerFin, now_ns, &cfg);
+        let _ = verdict(key, conn, Reason::ServerFin, now_ns, &cfg);
     }
     NEXT
 }
