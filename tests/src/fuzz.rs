@@ -14,88 +14,35 @@ use aya::{
 };
 use std::collections::HashMap;
 
-// Mirrors of the ABI (kept independent of the agent's copy on purpose: the
-// model is a second reading of the specification).
-const PAYLOAD_MAX: usize = 64;
-const F_EARLY: u32 = 1;
-const F_SYN_DATA: u32 = 2;
-const F_HELD: u32 = 4;
-const F_CLIENT_FIN: u32 = 8;
-const F_DENY: u32 = 16;
-const F_GREETED: u32 = 32;
-const F_REPORTED: u32 = 128;
-const F_CLOSED: u32 = 256;
-const CFG_ENFORCE: u64 = 1;
-const CFG_TRACK_EARLY: u64 = 2;
-const EV_EARLY: u32 = 1;
-const EV_VERDICT: u32 = 2;
-const EV_CLOSED: u32 = 3;
-const R_GREETING: u32 = 1;
-const R_CLIENT_RST: u32 = 2;
-const R_SERVER_FIN: u32 = 3;
-const R_SERVER_RST: u32 = 4;
-const R_CLIENT_FIN: u32 = 5;
-/// The agent marks its reply packets with this; the programs let them pass.
-pub const REPLY_MARK: u32 = 0x6574_616c;
+// The layouts and numbers come from the ABI crate, as the kernel's do; the
+// model below keeps its own reading of the rules, which is what is compared.
+pub use earlytalker_common::REPLY_MARK;
+use earlytalker_common::{
+    CfgFlags, Config, Conn, ConnFlags, ConnKey as Key, Event, EventKind, Handshake, Reason,
+    PAYLOAD_MAX, PROG_EGRESS, PROG_INGRESS,
+};
+
+const F_EARLY: u32 = ConnFlags::EARLY.bits();
+const F_SYN_DATA: u32 = ConnFlags::SYN_DATA.bits();
+const F_HELD: u32 = ConnFlags::HELD.bits();
+const F_CLIENT_FIN: u32 = ConnFlags::CLIENT_FIN.bits();
+const F_DENY: u32 = ConnFlags::DENY.bits();
+const F_GREETED: u32 = ConnFlags::GREETED.bits();
+const F_REPORTED: u32 = ConnFlags::REPORTED.bits();
+const F_CLOSED: u32 = ConnFlags::CLOSED.bits();
+const CFG_ENFORCE: u64 = CfgFlags::ENFORCE.bits();
+const CFG_TRACK_EARLY: u64 = CfgFlags::TRACK_EARLY.bits();
+const EV_EARLY: u32 = EventKind::Early as u32;
+const EV_VERDICT: u32 = EventKind::Verdict as u32;
+const EV_CLOSED: u32 = EventKind::Closed as u32;
+const R_GREETING: u32 = Reason::Greeting as u32;
+const R_CLIENT_RST: u32 = Reason::ClientRst as u32;
+const R_SERVER_FIN: u32 = Reason::ServerFin as u32;
+const R_SERVER_RST: u32 = Reason::ServerRst as u32;
+const R_CLIENT_FIN: u32 = Reason::ClientFin as u32;
 const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC as u32
 const SHOT: u32 = 2;
 const PORT: u16 = 25;
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct Key {
-    client_addr: [u8; 16],
-    server_addr: [u8; 16],
-    client_port: u16,
-    server_port: u16,
-    pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct Conn {
-    established_ns: u64,
-    release_ns: u64,
-    first_ns: u64,
-    client_base: u32,
-    client_end: u32,
-    server_isn: u32,
-    flags: u32,
-    payload_len: u32,
-    pad: u32,
-    payload: [u8; PAYLOAD_MAX],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Handshake {
-    server_isn: u32,
-    client_base: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Config {
-    wait_ns: u64,
-    flags: u64,
-    pass_ttl_ns: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct Event {
-    kind: u32,
-    reason: u32,
-    now_ns: u64,
-    key: Key,
-    conn: Conn,
-}
-
-// SAFETY (all): plain #[repr(C)] data, any bit pattern valid.
-unsafe impl aya::Pod for Key {}
-unsafe impl aya::Pod for Conn {}
-unsafe impl aya::Pod for Handshake {}
-unsafe impl aya::Pod for Config {}
 
 /// What is compared of a connection entry: everything but the clock.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -487,6 +434,12 @@ impl Model {
                 return SHOT;
             }
             self.verdict(key, c, R_GREETING);
+            // Greeting and close in one segment: the kept entry ends here too.
+            if seg.fin || seg.rst {
+                if let Some(kept) = self.conns.get(&key).cloned() {
+                    self.settled(&seg, key, &kept, R_SERVER_RST, R_SERVER_FIN);
+                }
+            }
             return NEXT;
         }
         if seg.rst {
@@ -811,7 +764,7 @@ impl Kernel {
         c.set(0, cfg, 0)?;
         let mut ports: Array<_, u64> = Array::try_from(ebpf.map_mut("PORTS").context("PORTS")?)?;
         ports.set(u32::from(PORT >> 6), 1u64 << (PORT & 63), 0)?;
-        for name in ["et_ingress", "et_egress"] {
+        for name in [PROG_INGRESS, PROG_EGRESS] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load()?;
         }
@@ -823,7 +776,7 @@ impl Kernel {
     /// input (kernels with the 2026 stable fix reject an IPv4/IPv6 EtherType
     /// whose L3 header is shorter than 20/40 bytes, before running anything).
     fn run(&mut self, ingress: bool, data: &[u8], mark: u32) -> Result<Option<u32>> {
-        let name = if ingress { "et_ingress" } else { "et_egress" };
+        let name = if ingress { PROG_INGRESS } else { PROG_EGRESS };
         let p: &SchedClassifier = self.ebpf.program(name).context(name)?.try_into()?;
         // struct __sk_buff: mark is its third u32 (len, pkt_type, mark, ...).
         let mut ctx = vec![0u8; 192];
@@ -984,15 +937,4 @@ pub fn differential(object: &[u8], seed: u64, cases: u64) -> Result<Coverage> {
         }
     }
     Ok(cov)
-}
-
-/// The eBPF object built by the agent's build script.
-pub fn object_path() -> std::path::PathBuf {
-    std::env::var_os("EARLYTALKER_BPF_OBJ").map_or_else(
-        || {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/ebpf/bpfel-unknown-none/release/earlytalker")
-        },
-        Into::into,
-    )
 }

@@ -19,14 +19,6 @@ fn bot() -> Manner {
     Manner::Bot(b"EHLO bot\r\n".to_vec())
 }
 
-fn setup(args: &[&str], greet_delay: Duration) -> (Lab, Responder, Agent) {
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let resp = Responder::start(&lab, PORT, greet_delay).expect("responder");
-    let agent = Agent::start(&lab, args).expect("agent");
-    (lab, resp, agent)
-}
-
 fn assert_early_bot(agent: &mut Agent, seen: &Seen, server: SocketAddr) {
     let v = agent
         .verdict_for(seen.local_port, VERDICT_WAIT)
@@ -47,7 +39,7 @@ fn assert_early_bot(agent: &mut Agent, seen: &Seen, server: SocketAddr) {
 
 #[test]
 fn t01_polite_client_passes() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "1"]).start().into_parts();
     let seen = lab.client(addr(&lab, false, PORT), Manner::Polite);
     assert!(seen.greeting.starts_with("220 "), "{}", seen.greeting);
     let v = agent.verdict_for(seen.local_port, VERDICT_WAIT).unwrap();
@@ -62,7 +54,7 @@ fn t01_polite_client_passes() {
 
 #[test]
 fn t02_bot_talking_at_once_is_caught() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "1"]).start().into_parts();
     let server = addr(&lab, false, PORT);
     let seen = lab.client(server, bot());
     // log mode: the bot still gets the real greeting, after the hold.
@@ -72,7 +64,9 @@ fn t02_bot_talking_at_once_is_caught() {
 
 #[test]
 fn t03_talking_in_the_middle_of_the_hold_is_caught() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1.5"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "1.5"])
+        .start()
+        .into_parts();
     let seen = lab.client(
         addr(&lab, false, PORT),
         Manner::Midway(Duration::from_millis(600), b"HELO x\r\n".to_vec()),
@@ -86,7 +80,9 @@ fn t03_talking_in_the_middle_of_the_hold_is_caught() {
 
 #[test]
 fn t04_talking_after_the_greeting_passes() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "0.5"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "0.5"])
+        .start()
+        .into_parts();
     let port = join(lab.in_client({
         let s = addr(&lab, false, PORT);
         move || send_after_greeting(s, b"EHLO late\r\nQUIT\r\n")
@@ -100,7 +96,10 @@ fn t04_talking_after_the_greeting_passes() {
 #[test]
 fn t05_wait_zero_catches_the_natural_race() {
     // No hold at all: the responder itself greets 300 ms late.
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "0"], Duration::from_millis(300));
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "0"])
+        .greet(Duration::from_millis(300))
+        .start()
+        .into_parts();
     let server = addr(&lab, false, PORT);
     let seen = lab.client(server, bot());
     assert_early_bot(&mut agent, &seen, server);
@@ -113,7 +112,9 @@ fn t05_wait_zero_catches_the_natural_race() {
 
 #[test]
 fn t06_ipv6() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "0.5"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "0.5"])
+        .start()
+        .into_parts();
     let server = addr(&lab, true, PORT);
     let seen = lab.client(server, bot());
     assert_early_bot(&mut agent, &seen, server);
@@ -151,7 +152,7 @@ fn t07_unmonitored_port_is_left_alone() {
 
 #[test]
 fn t08_two_hundred_concurrent_connections() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "1"]).start().into_parts();
     let server = addr(&lab, false, PORT);
     let handles: Vec<_> = (0..200)
         .map(|i| {
@@ -218,7 +219,9 @@ fn t09_hold_timing() {
 
 #[test]
 fn t10_integrity_of_delivered_bytes() {
-    let (lab, resp, mut agent) = setup(&["-a", "log", "-w", "0.5"], Duration::ZERO);
+    let (lab, resp, mut agent) = Rig::builder(&["-a", "log", "-w", "0.5"])
+        .start()
+        .into_parts();
     let server = addr(&lab, false, PORT);
     let data = pattern(1 << 20, 42);
     let d2 = data.clone();
@@ -290,7 +293,7 @@ fn t11_bad_input_exits_2_with_one_line() {
 
 #[test]
 fn t12_sigkill_fails_open() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "5"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "5"]).start().into_parts();
     assert_eq!(lab.tcx_programs().unwrap(), 2);
     let server = addr(&lab, false, PORT);
     let held = lab.in_client(move || session(server, &Manner::Polite));
@@ -321,7 +324,7 @@ fn t12_sigkill_fails_open() {
 
 #[test]
 fn t13_sigterm_detaches_cleanly() {
-    let (lab, _r, mut agent) = setup(&["-a", "log", "-w", "1"], Duration::ZERO);
+    let (lab, _r, mut agent) = Rig::builder(&["-a", "log", "-w", "1"]).start().into_parts();
     assert_eq!(lab.tcx_programs().unwrap(), 2);
     let pid = agent.pid();
     nix::sys::signal::kill(

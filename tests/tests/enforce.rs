@@ -9,15 +9,6 @@ use std::{
 };
 
 const PORT: u16 = 25;
-const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
-
-fn setup(args: &[&str], greet: Duration) -> (Lab, Responder, Agent) {
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let resp = Responder::start(&lab, PORT, greet).expect("responder");
-    let agent = Agent::start(&lab, args).expect("agent");
-    (lab, resp, agent)
-}
 
 /// The bot got exactly one reply line with `code`, then the connection closed;
 /// the responder got nothing and its socket was torn down within wait + 1 s.
@@ -33,7 +24,7 @@ fn assert_rejected(
     let text = String::from_utf8_lossy(&run.received);
     assert_eq!(
         text,
-        format!("{code} {TEXT}\r\n"),
+        format!("{code} {REPLY_TEXT}\r\n"),
         "bot received {text:?} ({})",
         run.end
     );
@@ -79,7 +70,9 @@ fn assert_rejected(
 }
 
 fn deny_case(v6: bool, action: &str, code: &str) {
-    let (lab, resp, mut agent) = setup(&["-a", action, "-w", "1"], Duration::ZERO);
+    let (lab, resp, mut agent) = Rig::builder(&["-a", action, "-w", "1"])
+        .start()
+        .into_parts();
     let server = SocketAddr::new(lab.server_addr(v6), PORT);
     let run = lab.bot(server, b"EHLO bot\r\n", false);
     assert_rejected(&lab, &resp, &mut agent, &run, code, 1.0, action);
@@ -100,18 +93,20 @@ fn e02_denysoft_v4() {
 }
 
 #[test]
-fn e06_deny_v6() {
+fn e03_deny_v6() {
     deny_case(true, "deny", "554 5.7.1");
 }
 
 #[test]
-fn e06_denysoft_v6() {
+fn e04_denysoft_v6() {
     deny_case(true, "denysoft", "421 4.7.1");
 }
 
 #[test]
-fn e03_pipelining_bot_delivers_nothing() {
-    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "2"], Duration::ZERO);
+fn e05_pipelining_bot_delivers_nothing() {
+    let (lab, resp, mut agent) = Rig::builder(&["-a", "deny", "-w", "2"])
+        .start()
+        .into_parts();
     let server = SocketAddr::new(lab.server_addr(false), PORT);
     let mut msg =
         b"EHLO bot\r\nMAIL FROM:<s@spam.example>\r\nRCPT TO:<v@lab.example>\r\nDATA\r\n".to_vec();
@@ -133,21 +128,20 @@ fn e03_pipelining_bot_delivers_nothing() {
 }
 
 #[test]
-fn e04_defer_reject_keeps_the_verdict_for_the_mta() {
+fn e06_defer_reject_keeps_the_verdict_for_the_mta() {
     for (action, answer) in [("deny", "REJECT"), ("denysoft", "DEFER")] {
         let policy: SocketAddr = "127.0.0.1:10040".parse().unwrap();
-        let (lab, resp, mut agent) = setup(
-            &[
-                "-a",
-                action,
-                "--defer-reject",
-                "-w",
-                "1",
-                "--policy-listen",
-                "127.0.0.1:10040",
-            ],
-            Duration::ZERO,
-        );
+        let (lab, resp, mut agent) = Rig::builder(&[
+            "-a",
+            action,
+            "--defer-reject",
+            "-w",
+            "1",
+            "--policy-listen",
+            "127.0.0.1:10040",
+        ])
+        .start()
+        .into_parts();
         let server = SocketAddr::new(lab.server_addr(false), PORT);
         let bytes = b"EHLO bot\r\nMAIL FROM:<s@spam.example>\r\n".to_vec();
         let seen = lab.client(server, Manner::Bot(bytes.clone()));
@@ -198,8 +192,8 @@ fn e04_defer_reject_keeps_the_verdict_for_the_mta() {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(answers.0, format!("{answer} {TEXT}"));
-        assert_eq!(answers.1, format!("{answer} {TEXT}"));
+        assert_eq!(answers.0, format!("{answer} {REPLY_TEXT}"));
+        assert_eq!(answers.1, format!("{answer} {REPLY_TEXT}"));
         assert_eq!(answers.2, "DUNNO");
         agent
             .wait_for(Duration::from_secs(5), |v| {
@@ -212,8 +206,10 @@ fn e04_defer_reject_keeps_the_verdict_for_the_mta() {
 }
 
 #[test]
-fn e05_two_hundred_concurrent_under_deny() {
-    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "1"], Duration::ZERO);
+fn e07_two_hundred_concurrent_under_deny() {
+    let (lab, resp, mut agent) = Rig::builder(&["-a", "deny", "-w", "1"])
+        .start()
+        .into_parts();
     let server = SocketAddr::new(lab.server_addr(false), PORT);
     let handles: Vec<_> = (0..200)
         .map(|i| {
@@ -234,7 +230,7 @@ fn e05_two_hundred_concurrent_under_deny() {
         if is_bot {
             assert_eq!(
                 String::from_utf8_lossy(&got),
-                format!("554 5.7.1 {TEXT}\r\n"),
+                reply_line("deny"),
                 "bot {port} ({end})"
             );
         } else {
@@ -272,10 +268,13 @@ fn e05_two_hundred_concurrent_under_deny() {
 }
 
 #[test]
-fn e07_server_that_never_greets() {
+fn e08_server_that_never_greets() {
     // The reply does not depend on the MTA's greeting: the bot gets it at once and
     // the silent MTA's socket is torn down.
-    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "1"], NEVER);
+    let (lab, resp, mut agent) = Rig::builder(&["-a", "deny", "-w", "1"])
+        .greet(NEVER)
+        .start()
+        .into_parts();
     let server = SocketAddr::new(lab.server_addr(false), PORT);
     let run = lab.bot(server, b"EHLO bot\r\n", false);
     assert_rejected(&lab, &resp, &mut agent, &run, "554 5.7.1", 1.0, "deny");
@@ -286,8 +285,10 @@ fn e07_server_that_never_greets() {
 }
 
 #[test]
-fn e08_log_mode_is_unchanged_byte_exact() {
-    let (lab, resp, mut agent) = setup(&["-a", "log", "-w", "0.5"], Duration::ZERO);
+fn e09_log_mode_is_unchanged_byte_exact() {
+    let (lab, resp, mut agent) = Rig::builder(&["-a", "log", "-w", "0.5"])
+        .start()
+        .into_parts();
     let server = SocketAddr::new(lab.server_addr(false), PORT);
     let data = b"EHLO bot\r\nMAIL FROM:<a@b>\r\n".to_vec();
     let seen = lab.client(server, Manner::Bot(data.clone()));
@@ -311,8 +312,10 @@ fn e08_log_mode_is_unchanged_byte_exact() {
 /// failure is logged and counted, and the other step still runs: the MTA's
 /// socket is destroyed and gets nothing, and the client gets nothing either.
 #[test]
-fn e09_a_failed_reply_is_reported_and_the_mta_still_torn_down() {
-    let (lab, resp, mut agent) = setup(&["-a", "deny", "-w", "1"], Duration::ZERO);
+fn e10_a_failed_reply_is_reported_and_the_mta_still_torn_down() {
+    let (lab, resp, mut agent) = Rig::builder(&["-a", "deny", "-w", "1"])
+        .start()
+        .into_parts();
     let mark = format!("{:#x}", earlytalker_tests::fuzz::REPLY_MARK);
     for args in [
         vec!["rule", "add", "fwmark", &mark, "lookup", "4242"],
@@ -360,4 +363,93 @@ fn e09_a_failed_reply_is_reported_and_the_mta_still_torn_down() {
     agent.stop().unwrap();
     let stopped = agent.events("stopped");
     assert_eq!(stopped[0]["teardown_failures"], 1, "{:?}", stopped);
+}
+
+/// defer-reject: the kernel reports when an early talker's connection ends, and
+/// the verdict outlives it by the close grace (1 s here, 30 s by default), not
+/// by the hour kept for closes never seen.
+#[test]
+fn e11_defer_reject_verdict_ends_with_its_connection() {
+    let policy: SocketAddr = "127.0.0.1:10040".parse().unwrap();
+    let grace = Duration::from_secs(1);
+    let (lab, _resp, mut agent) = Rig::builder(&[
+        "-a",
+        "deny",
+        "--defer-reject",
+        "-w",
+        "1",
+        "--policy-listen",
+        "127.0.0.1:10040",
+        "--close-grace",
+        "1s",
+    ])
+    .start()
+    .into_parts();
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    // Talks at once, then half-closes; reads the greeting and the EHLO reply
+    // until the MTA closes in turn.
+    let run = lab.bot(server, b"EHLO bot\r\n", true);
+    let closed_at = Instant::now();
+    assert!(run.received.starts_with(b"220 lab.example"), "{run:?}");
+    assert_eq!(run.end, "eof");
+    let v = agent
+        .verdict_for(run.local_port, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        (v["event"].as_str(), v["action"].as_str()),
+        (Some("early_talker"), Some("defer"))
+    );
+
+    let port = run.local_port.to_string();
+    let ask = move || {
+        policy_query(
+            policy,
+            &[
+                ("request", "smtpd_access_policy"),
+                ("protocol_state", "RCPT"),
+                ("client_address", CLIENT_V4),
+                ("client_port", &port),
+                ("sender", "s@spam.example"),
+                ("recipient", "v@lab.example"),
+            ],
+        )
+    };
+    // Asked at once, then every 50 ms for at most 10 s, until it answers DUNNO.
+    let answers = join(
+        lab.in_server(move || -> anyhow::Result<Vec<(Duration, String)>> {
+            let mut seen = Vec::new();
+            for _ in 0..200 {
+                let a = ask()?;
+                seen.push((closed_at.elapsed(), a.clone()));
+                if a == "DUNNO" {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(seen)
+        }),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(answers[0].1, format!("REJECT {REPLY_TEXT}"), "{answers:?}");
+    let (at, last) = answers.last().unwrap();
+    assert_eq!(
+        last, "DUNNO",
+        "still refused 10 s after the close: {answers:?}"
+    );
+    // Never before the grace has run from the close (the bot sees the MTA's FIN
+    // microseconds after the kernel reports it: 20 ms covers that skew)...
+    assert!(
+        *at + Duration::from_millis(20) >= grace,
+        "DUNNO {at:?} after the close: {answers:?}"
+    );
+    // ...and soon after it: the close record arrives within one 50 ms poll.
+    assert!(*at < grace + Duration::from_secs(2), "{answers:?}");
+    agent.stop().unwrap();
+    let err = agent.stderr();
+    assert!(
+        !err.contains("malformed") && !err.contains("ignoring a kernel record"),
+        "{err}"
+    );
+    assert_eq!(agent.events("stopped")[0]["kernel_records_rejected"], 0);
 }

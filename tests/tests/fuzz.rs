@@ -2,7 +2,7 @@
 //! model (see earlytalker_tests::fuzz). A few thousand cases here; millions with
 //! `cargo xtask fuzz --count N`. Needs root (BPF_PROG_TEST_RUN).
 
-use earlytalker_tests::{fuzz, is_root};
+use earlytalker_tests::{fuzz, is_root, kernel_object};
 
 #[test]
 fn f1_kernel_programs_agree_with_the_model() {
@@ -10,14 +10,14 @@ fn f1_kernel_programs_agree_with_the_model() {
         is_root(),
         "BPF_PROG_TEST_RUN needs root; run `cargo xtask test` as root"
     );
-    let object = std::fs::read(fuzz::object_path()).expect("the eBPF object (cargo xtask build)");
+    let object = kernel_object();
     // A fixed seed for reproducibility, plus one that changes every run.
     let varying = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     for seed in [1, varying] {
-        let c = fuzz::differential(&object, seed, 1500).unwrap_or_else(|e| panic!("{e:#}"));
+        let c = fuzz::differential(object, seed, 1500).unwrap_or_else(|e| panic!("{e:#}"));
         eprintln!("seed {seed}: kernel and model agree: {c:?}");
         assert_eq!(c.compared + c.refused, 6000);
         assert!(c.refused < 600, "{c:?}");

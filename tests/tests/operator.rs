@@ -7,11 +7,10 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 const PORT: u16 = 25;
-const TEXT: &str = "Connecting host started transmitting before SMTP greeting";
 
 fn server(lab: &Lab) -> SocketAddr {
     SocketAddr::new(lab.server_addr(false), PORT)
@@ -19,23 +18,18 @@ fn server(lab: &Lab) -> SocketAddr {
 
 #[test]
 fn o1_allowlisted_bot_passes_untouched() {
-    require_root();
-    let lab = Lab::new().unwrap();
-    let resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
-    let mut agent = Agent::start(
-        &lab,
-        &[
-            "-a",
-            "deny",
-            "-w",
-            "2",
-            "--allow",
-            &format!("{CLIENT_V4}/32"),
-            "--allow",
-            "fd00:99::/64",
-        ],
-    )
-    .unwrap();
+    let (lab, resp, mut agent) = Rig::builder(&[
+        "-a",
+        "deny",
+        "-w",
+        "2",
+        "--allow",
+        &format!("{CLIENT_V4}/32"),
+        "--allow",
+        "fd00:99::/64",
+    ])
+    .start()
+    .into_parts();
     for v6 in [false, true] {
         let s = SocketAddr::new(lab.server_addr(v6), PORT);
         let bytes = b"EHLO allowed-bot\r\n".to_vec();
@@ -158,10 +152,7 @@ fn o3_reload_changes_the_action_live() {
 
     // The new action applies to the next bot.
     let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
-    assert_eq!(
-        String::from_utf8_lossy(&b.received),
-        format!("554 5.7.1 {TEXT}\r\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&b.received), reply_line("deny"));
     assert!(resp
         .session(b.local_port)
         .is_none_or(|s| s.received.is_empty()));
@@ -174,10 +165,7 @@ fn o3_reload_changes_the_action_live() {
         .unwrap();
     assert!(r["error"].as_str().unwrap().contains("wait"), "{r}");
     let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
-    assert_eq!(
-        String::from_utf8_lossy(&b.received),
-        format!("554 5.7.1 {TEXT}\r\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&b.received), reply_line("deny"));
     agent.stop().unwrap();
     assert_eq!(agent.events("stopped")[0]["action_deny"], 2);
 }
@@ -197,23 +185,18 @@ fn scrape(lab: &Lab, addr: &'static str) -> String {
 
 #[test]
 fn o4_metrics_and_status_show_what_happened() {
-    require_root();
-    let lab = Lab::new().unwrap();
-    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
-    let mut agent = Agent::start(
-        &lab,
-        &[
-            "-a",
-            "deny",
-            "-w",
-            "1",
-            "--metrics-listen",
-            "127.0.0.1:9125",
-            "--allow",
-            "192.0.2.0/24",
-        ],
-    )
-    .unwrap();
+    let (lab, _resp, mut agent) = Rig::builder(&[
+        "-a",
+        "deny",
+        "-w",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:9125",
+        "--allow",
+        "192.0.2.0/24",
+    ])
+    .start()
+    .into_parts();
     let p = lab.client(server(&lab), Manner::Polite);
     let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
     agent
@@ -242,17 +225,7 @@ fn o4_metrics_and_status_show_what_happened() {
         assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
     }
 
-    let out = Command::new(agent_bin())
-        .args(["status", "--json", "--control-socket"])
-        .arg(lab.control_socket())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = status_json(&lab).unwrap();
     assert_eq!(v["counters"]["early_talkers"], 1, "{v:#}");
     assert_eq!(v["counters"]["passes"], 1);
     assert_eq!(v["config"]["action"], "deny");
@@ -375,10 +348,7 @@ fn o6_least_privilege_after_attach() {
     assert_eq!(mode(&lab.control_socket()), 0o600);
     // Still fully working without the rest: enforcement (raw reply + SOCK_DESTROY)...
     let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
-    assert_eq!(
-        String::from_utf8_lossy(&b.received),
-        format!("554 5.7.1 {TEXT}\r\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&b.received), reply_line("deny"));
     // ...reload (map updates through held fds), metrics and the pass cache save.
     std::fs::write(&conf, "action = \"denysoft\"\nwait = 0.5\n").unwrap();
     agent.signal(nix::sys::signal::Signal::SIGHUP);
@@ -386,10 +356,7 @@ fn o6_least_privilege_after_attach() {
         .wait_for(Duration::from_secs(5), |v| v["event"] == "reloaded")
         .unwrap();
     let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
-    assert_eq!(
-        String::from_utf8_lossy(&b.received),
-        format!("421 4.7.1 {TEXT}\r\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&b.received), reply_line("denysoft"));
     // The snapshot behind /metrics refreshes every 0.5 s: poll, bounded.
     let want = "earlytalker_early_talkers_total{action=\"denysoft\"} 1";
     let end = std::time::Instant::now() + Duration::from_secs(3);
@@ -504,13 +471,53 @@ fn o7_systemd_unit_verifies_and_its_capabilities_suffice() {
     assert_eq!(proc_status_field(pid, "NoNewPrivs"), "1");
     // Enforcement needs the most: the raw reply and SOCK_DESTROY.
     let b = lab.bot(server(&lab), b"EHLO bot\r\n", false);
-    assert_eq!(
-        String::from_utf8_lossy(&b.received),
-        format!("554 5.7.1 {TEXT}\r\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&b.received), reply_line("deny"));
     let s = server(&lab);
     let polite = lab.client(s, Manner::Polite);
     assert!(polite.greeting.starts_with("220"), "{polite:?}");
     assert!(polite.greeting_after >= Duration::from_millis(900));
+    stop_cleanly(&lab, &mut agent);
+}
+
+#[test]
+fn o8_reload_names_a_restart_only_change_and_status_shows_the_value_in_force() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    std::fs::create_dir_all(lab.dir()).unwrap();
+    let conf = lab.dir().join("earlytalker.toml");
+    std::fs::write(&conf, "action = \"log\"\nevent_buffer = 65536\n").unwrap();
+    let mut agent = Agent::start(&lab, &["-c", conf.to_str().unwrap()]).unwrap();
+    assert_eq!(status_json(&lab).unwrap()["config"]["event_buffer"], 65536);
+
+    // A live setting and a restart-only one change together.
+    std::fs::write(&conf, "action = \"deny\"\nevent_buffer = 131072\n").unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let r = agent
+        .wait_for(Duration::from_secs(5), |v| v["event"] == "reloaded")
+        .unwrap();
+    assert_eq!(r["action"], "deny", "{r}");
+    assert_eq!(
+        r["restart_needed"],
+        serde_json::json!(["event_buffer"]),
+        "{r}"
+    );
+    // The ring buffer keeps the size it was created with, and says so.
+    assert_eq!(r["event_buffer"], 65536, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let v = loop {
+        let v = status_json(&lab).unwrap();
+        if v["config"]["action"] == "deny" || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["config"]["action"], "deny", "{v:#}");
+    assert_eq!(v["config"]["event_buffer"], 65536, "{v:#}");
+    let err = agent.stderr();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("reload") && l.contains("event_buffer")),
+        "no warning naming event_buffer:\n{err}"
+    );
     stop_cleanly(&lab, &mut agent);
 }

@@ -26,16 +26,6 @@ fn main() {
     }
 }
 
-fn object_path() -> std::path::PathBuf {
-    std::env::var_os("EARLYTALKER_BPF_OBJ").map_or_else(
-        || {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/ebpf/bpfel-unknown-none/release/earlytalker")
-        },
-        Into::into,
-    )
-}
-
 /// (run_time_ns, run_count) of the loaded programs matching `pick`.
 fn prog_stats(pick: impl Fn(&aya::programs::ProgramInfo) -> bool) -> (u64, u64) {
     aya::programs::loaded_programs()
@@ -122,12 +112,12 @@ fn per_packet_cost() -> Result<Value> {
     // The floor: et_floor from the same object, loaded once per hook so that each
     // direction has its own figures, first in the chain (it returns TCX_NEXT, so
     // ours still run after it).
-    let obj = std::fs::read(object_path()).context("reading the eBPF object")?;
+    let obj = kernel_object();
     let dev = lab.server_if.clone();
     let floors = join(lab.in_server(move || -> Result<Vec<(aya::Ebpf, u32)>> {
         let mut out = Vec::new();
         for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let mut ebpf = aya::Ebpf::load(&obj)?;
+            let mut ebpf = aya::Ebpf::load(obj)?;
             let p: &mut SchedClassifier = ebpf
                 .program_mut("et_floor")
                 .context("et_floor")?

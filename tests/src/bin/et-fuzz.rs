@@ -22,20 +22,14 @@ fn main() {
         }
         i += 2;
     }
-    let object = match std::fs::read(earlytalker_tests::fuzz::object_path()) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("et-fuzz: the eBPF object: {e} (run cargo xtask build)");
-            std::process::exit(2);
-        }
-    };
+    let object = earlytalker_tests::kernel_object();
     // Rounds of 10,000 packets per configuration, each with its own seed.
     let per = 10_000u64;
     let rounds = count.div_ceil(per * 4).max(1);
     let t = std::time::Instant::now();
     let mut total = 0;
     for k in 0..rounds {
-        match earlytalker_tests::fuzz::differential(&object, seed + k, per) {
+        match earlytalker_tests::fuzz::differential(object, seed + k, per) {
             Ok(c) => total += c.compared,
             Err(e) => {
                 eprintln!(

@@ -1,0 +1,256 @@
+//! A private Postfix (Debian's package, unpacked under target/mta by
+//! `cargo xtask test`; none is installed on the host) in the lab's server
+//! namespace, relaying to an smtp-sink that keeps every delivered message.
+
+use crate::lab::{join, run, Lab};
+use anyhow::{bail, Context, Result};
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Where `cargo xtask test` unpacked the suite's private MTA copies.
+pub fn mta_root() -> PathBuf {
+    std::env::var_os("EARLYTALKER_MTA_ROOT").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/mta"),
+        Into::into,
+    )
+}
+
+/// A program of the private Postfix copy (postfix, smtp-sink, smtp-source…), with
+/// its libraries found: Debian links them with RUNPATH /usr/lib/postfix, which
+/// this host need not have.
+pub fn postfix_tool(name: &str) -> Command {
+    let root = mta_root().join("postfix");
+    let mut cmd = Command::new(root.join("usr/sbin").join(name));
+    cmd.env("LD_LIBRARY_PATH", root.join("usr/lib/postfix"));
+    cmd
+}
+
+/// PATH and LD_LIBRARY_PATH under which the private Postfix's programs are
+/// found by name (for commands built as shell lines, like the bench's).
+pub fn postfix_env() -> [(&'static str, std::ffi::OsString); 2] {
+    let root = mta_root().join("postfix");
+    let mut path = root.join("usr/sbin").into_os_string();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    [
+        ("PATH", path),
+        (
+            "LD_LIBRARY_PATH",
+            root.join("usr/lib/postfix").into_os_string(),
+        ),
+    ]
+}
+
+/// `postfix_tool`, run in network namespace `ns` (`ip netns exec` keeps the
+/// environment).
+pub fn postfix_tool_in(ns: &str, name: &str) -> Command {
+    let tool = postfix_tool(name);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(tool.get_program());
+    for (k, v) in tool.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
+
+/// A private Postfix instance in the lab's server namespace, run from the copy
+/// `cargo xtask test` unpacked from Debian's package (no Postfix is installed on
+/// the host): its own config, queue and log, existing system users (no passwd
+/// change), relaying every message for lab.example to an smtp-sink that dumps
+/// each delivered message to a file.
+pub struct Postfix {
+    pub dir: PathBuf,
+    conf: PathBuf,
+    ns: String,
+    sink: Child,
+}
+
+impl Postfix {
+    /// `restrictions` goes into smtpd_recipient_restrictions, `milters` into
+    /// smtpd_milters (either may be empty).
+    pub fn start(lab: &Lab, restrictions: &str, milters: &str) -> Result<Self> {
+        let dir = PathBuf::from(format!("/tmp/et-postfix-{}", lab.server_ns));
+        let _ = std::fs::remove_dir_all(&dir);
+        let conf = dir.join("conf");
+        for d in ["conf", "queue", "data", "sink"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let d = dir.display();
+        let root = mta_root().join("postfix");
+        if !root.join("usr/sbin/postfix").exists() {
+            bail!(
+                "no private Postfix in {} (cargo xtask test unpacks it)",
+                root.display()
+            );
+        }
+        let p = root.display();
+        // Users that every Debian system has: nobody owns the queue, daemon is
+        // the delivery default, mail is the (unused) setgid group.
+        let main_cf = format!(
+            "compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+meta_directory = {p}/etc/postfix
+command_directory = {p}/usr/sbin
+daemon_directory = {p}/usr/lib/postfix/sbin
+shlib_directory = {p}/usr/lib/postfix
+import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C LD_LIBRARY_PATH={p}/usr/lib/postfix
+maillog_file = {d}/maillog
+maillog_file_prefixes = /tmp
+mail_owner = nobody
+default_privs = daemon
+setgid_group = mail
+myhostname = mx.lab.example
+mydomain = lab.example
+myorigin = lab.example
+inet_interfaces = all
+inet_protocols = all
+mydestination =
+mynetworks = 127.0.0.0/8
+relay_domains = lab.example
+relayhost = [127.0.0.1]:2525
+alias_maps =
+local_recipient_maps =
+smtpd_peername_lookup = no
+smtputf8_enable = no
+biff = no
+smtpd_banner = $myhostname ESMTP
+smtpd_recipient_restrictions = {restrictions} permit_mynetworks, reject_unauth_destination
+smtpd_milters = {milters}
+milter_default_action = accept
+"
+        );
+        std::fs::write(conf.join("main.cf"), main_cf)?;
+        let master_cf = "\
+smtp      inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
+        std::fs::write(conf.join("master.cf"), master_cf)?;
+        // smtp-sink dumps as its -u user; let it write there.
+        run(
+            "chown",
+            &["nobody", &dir.join("sink").display().to_string()],
+        )?;
+        let sink = postfix_tool_in(&lab.server_ns, "smtp-sink")
+            .args(["-u", "nobody", "-d"])
+            .arg(format!("{d}/sink/msg."))
+            .args(["127.0.0.1:2525", "64"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting smtp-sink")?;
+        let pf = Postfix {
+            dir: dir.clone(),
+            conf: conf.clone(),
+            ns: lab.server_ns.clone(),
+            sink,
+        };
+        // Postfix insists on owning its data directory (locks, caches).
+        run(
+            "chown",
+            &["nobody", &dir.join("data").display().to_string()],
+        )?;
+        if let Err(e) = pf.postfix(&["start"]) {
+            // Postfix reports to its log, not to a non-tty stderr.
+            bail!("{e}; postfix log: {}", pf.log());
+        }
+        // Bounded wait for smtpd to accept connections.
+        let end = Instant::now() + Duration::from_secs(20);
+        let addr = SocketAddr::new(lab.server_addr(false), 25);
+        loop {
+            let up = join(lab.in_client(move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+            }))
+            .unwrap_or(false);
+            if up {
+                break;
+            }
+            if Instant::now() > end {
+                bail!("postfix did not start listening; log: {}", pf.log());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(pf)
+    }
+
+    fn postfix(&self, args: &[&str]) -> Result<()> {
+        let out = postfix_tool_in(&self.ns, "postfix")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .context("cannot run the private postfix")?;
+        if !out.status.success() {
+            bail!(
+                "postfix {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// Messages the sink has received so far.
+    pub fn delivered(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("sink")) {
+            for e in rd.flatten() {
+                out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    /// Waits (bounded) until `n` messages were delivered.
+    pub fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let d = self.delivered();
+            if d.len() >= n || Instant::now() > end {
+                return d;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = self.postfix(&["stop"]);
+        let _ = self.sink.kill();
+        let _ = self.sink.wait();
+        if std::env::var_os("EARLYTALKER_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
