@@ -100,6 +100,12 @@ impl Pipeline {
             return;
         }
         let client = client_of(&r.key);
+        log::debug!(
+            "kernel {:?} ({:?}) from {client}: flags {}",
+            r.kind,
+            r.reason,
+            r.conn.flag_set()
+        );
         match r.kind {
             EventKind::Early => {
                 self.store.lock().expect("store lock").insert(
