@@ -216,3 +216,27 @@ pub fn smtp_transaction(
     let _ = smtp_reply(&mut r);
     Ok((port, replies))
 }
+
+/// swaks (a real SMTP client) from the lab's client namespace to the server's
+/// port 25: one message from polite@client.example to `to`, plus `extra` flags
+/// (e.g. `--pipeline`, `--body`). Returns whether it succeeded and its transcript.
+pub fn swaks(lab: &crate::Lab, to: &str, extra: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.client_ns,
+            "swaks",
+            "--server",
+            crate::SERVER_V4,
+        ])
+        .args(["--from", "polite@client.example", "--to", to])
+        .args(["--helo", "polite.example", "--timeout", "20"])
+        .args(extra)
+        .output()
+        .expect("swaks (cargo xtask test installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

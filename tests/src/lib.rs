@@ -10,15 +10,19 @@
 
 pub mod agent;
 pub mod clients;
+pub mod exim;
 pub mod fuzz;
 pub mod lab;
+pub mod mta;
 pub mod postfix;
 pub mod responder;
 mod rig;
 
 pub use agent::*;
 pub use clients::*;
+pub use exim::*;
 pub use lab::*;
+pub use mta::*;
 pub use postfix::*;
 pub use responder::*;
 pub use rig::*;

@@ -2,15 +2,12 @@
 //! `cargo xtask test`; none is installed on the host) in the lab's server
 //! namespace, relaying to an smtp-sink that keeps every delivered message.
 
-use crate::lab::{join, run, Lab};
-use anyhow::{bail, Context, Result};
-use std::{
-    net::{SocketAddr, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+use crate::{
+    lab::{run, Lab},
+    mta::{wait_listening, Sink},
 };
+use anyhow::{bail, Context, Result};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 /// Where `cargo xtask test` unpacked the suite's private MTA copies.
 pub fn mta_root() -> PathBuf {
@@ -69,7 +66,7 @@ pub struct Postfix {
     pub dir: PathBuf,
     conf: PathBuf,
     ns: String,
-    sink: Child,
+    pub sink: Sink,
 }
 
 impl Postfix {
@@ -151,20 +148,7 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 ";
         std::fs::write(conf.join("master.cf"), master_cf)?;
-        // smtp-sink dumps as its -u user; let it write there.
-        run(
-            "chown",
-            &["nobody", &dir.join("sink").display().to_string()],
-        )?;
-        let sink = postfix_tool_in(&lab.server_ns, "smtp-sink")
-            .args(["-u", "nobody", "-d"])
-            .arg(format!("{d}/sink/msg."))
-            .args(["127.0.0.1:2525", "64"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting smtp-sink")?;
+        let sink = Sink::start(lab, &dir.join("sink"))?;
         let pf = Postfix {
             dir: dir.clone(),
             conf: conf.clone(),
@@ -180,22 +164,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             // Postfix reports to its log, not to a non-tty stderr.
             bail!("{e}; postfix log: {}", pf.log());
         }
-        // Bounded wait for smtpd to accept connections.
-        let end = Instant::now() + Duration::from_secs(20);
-        let addr = SocketAddr::new(lab.server_addr(false), 25);
-        loop {
-            let up = join(lab.in_client(move || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
-            }))
-            .unwrap_or(false);
-            if up {
-                break;
-            }
-            if Instant::now() > end {
-                bail!("postfix did not start listening; log: {}", pf.log());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_listening(lab, Duration::from_secs(20), || pf.log())?;
         Ok(pf)
     }
 
@@ -222,33 +191,18 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     /// Messages the sink has received so far.
     pub fn delivered(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(self.dir.join("sink")) {
-            for e in rd.flatten() {
-                out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
-            }
-        }
-        out
+        self.sink.delivered()
     }
 
     /// Waits (bounded) until `n` messages were delivered.
     pub fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<String> {
-        let end = Instant::now() + timeout;
-        loop {
-            let d = self.delivered();
-            if d.len() >= n || Instant::now() > end {
-                return d;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.sink.wait_delivered(n, timeout)
     }
 }
 
 impl Drop for Postfix {
     fn drop(&mut self) {
         let _ = self.postfix(&["stop"]);
-        let _ = self.sink.kill();
-        let _ = self.sink.wait();
         if std::env::var_os("EARLYTALKER_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

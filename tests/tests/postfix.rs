@@ -7,7 +7,6 @@ use earlytalker_tests::*;
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -45,33 +44,6 @@ fn transaction(lab: &Lab, early: bool, to: &str) -> (u16, Vec<(u16, String)>) {
         .unwrap()
 }
 
-fn swaks(lab: &Lab, to: &str) -> (bool, String) {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.client_ns,
-            "swaks",
-            "--server",
-            SERVER_V4,
-        ])
-        .args([
-            "--from",
-            "polite@client.example",
-            "--to",
-            to,
-            "--helo",
-            "polite.example",
-        ])
-        .args(["--timeout", "20"])
-        .output()
-        .expect("swaks (apt-get install swaks)");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 /// The bot was refused at MAIL or RCPT with `class` (5 or 4) and our text.
 fn assert_refused(replies: &[(u16, String)], class: u16) {
     let last = replies.last().unwrap();
@@ -95,7 +67,7 @@ fn policy_case(action: &str, class: u16) {
         &restrictions,
         "",
     );
-    let (ok, transcript) = swaks(&r.lab, "polite@lab.example");
+    let (ok, transcript) = swaks(&r.lab, "polite@lab.example", &[]);
     assert!(ok, "swaks failed:\n{transcript}\n{}", r.postfix.log());
     let (port, replies) = transaction(&r.lab, true, "victim@lab.example");
     assert_refused(&replies, class);
@@ -145,7 +117,7 @@ fn p3_milter_rejects_at_mail() {
             "",
             &milters,
         );
-        let (ok, transcript) = swaks(&r.lab, "polite@lab.example");
+        let (ok, transcript) = swaks(&r.lab, "polite@lab.example", &[]);
         assert!(ok, "swaks failed:\n{transcript}\n{}", r.postfix.log());
         let (port, replies) = transaction(&r.lab, true, "victim@lab.example");
         assert_refused(&replies, class);
@@ -174,7 +146,7 @@ fn p4_action_log_delivers_both_and_logs_the_lookup() {
         &restrictions,
         "",
     );
-    let (ok, transcript) = swaks(&r.lab, "polite@lab.example");
+    let (ok, transcript) = swaks(&r.lab, "polite@lab.example", &[]);
     assert!(ok, "{transcript}");
     let (port, replies) = transaction(&r.lab, true, "bot-target@lab.example");
     assert_eq!(replies.last().unwrap().0, 250, "{replies:?}");

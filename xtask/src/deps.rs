@@ -23,12 +23,42 @@ pub fn build_packages(llvm_major: u32) -> Vec<String> {
 }
 
 /// What the test suite runs besides the MTAs: namespaces (iproute2), a real SMTP
-/// client (swaks) and systemd-analyze for the shipped unit.
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "swaks", "systemd"];
+/// client (swaks), systemd-analyze for the shipped unit, and m4 (Sendmail's
+/// configuration is built with it).
+pub const TEST_PACKAGES: &[&str] = &["iproute2", "swaks", "systemd", "m4"];
 
-/// MTAs the suite runs from private copies: (package, the file that proves the
-/// copy is unpacked).
-pub const PRIVATE_MTAS: &[(&str, &str)] = &[("postfix", "usr/sbin/postfix")];
+/// An MTA the suite runs from a private copy.
+pub struct PrivateMta {
+    /// Its directory under target/mta.
+    pub dir: &'static str,
+    /// Debian packages unpacked into it, in order.
+    pub packages: &'static [&'static str],
+    /// The file that proves the copy is unpacked.
+    pub marker: &'static str,
+}
+
+pub const PRIVATE_MTAS: &[PrivateMta] = &[
+    PrivateMta {
+        dir: "postfix",
+        packages: &["postfix"],
+        marker: "usr/sbin/postfix",
+    },
+    PrivateMta {
+        dir: "exim",
+        packages: &["exim4-daemon-light"],
+        marker: "usr/sbin/exim4",
+    },
+    PrivateMta {
+        dir: "opensmtpd",
+        packages: &["opensmtpd"],
+        marker: "usr/sbin/smtpd",
+    },
+    PrivateMta {
+        dir: "sendmail",
+        packages: &["sendmail-bin", "sendmail-base", "sendmail-cf"],
+        marker: "usr/libexec/sendmail/sendmail",
+    },
+];
 
 /// A refusal that leaves the machine untouched: xtask exits 2 on it.
 #[derive(Debug)]
@@ -170,25 +200,33 @@ pub fn private_mtas(root: &Path) -> Result<()> {
     let base = mta_root(root);
     let debs = base.join("debs");
     std::fs::create_dir_all(&debs)?;
-    for (pkg, marker) in PRIVATE_MTAS {
-        let dest = base.join(pkg);
-        let deb = find_deb(&debs, pkg).map_or_else(
-            || -> Result<PathBuf> {
-                apt_updated()?;
-                output(
-                    Command::new("apt-get")
-                        .args(["download", "-qq", pkg])
-                        .current_dir(&debs),
-                )?;
-                find_deb(&debs, pkg).with_context(|| format!("apt-get download {pkg} left no .deb"))
-            },
-            Ok,
-        )?;
-        apt_install(&library_depends(&deb)?)?;
-        if !dest.join(marker).exists() {
+    for mta in PRIVATE_MTAS {
+        let dest = base.join(mta.dir);
+        let complete = dest.join(mta.marker).exists();
+        if !complete {
             let _ = std::fs::remove_dir_all(&dest);
-            output(Command::new("dpkg").arg("-x").arg(&deb).arg(&dest))?;
-            println!("unpacked a private {pkg} into {}", dest.display());
+        }
+        for pkg in mta.packages {
+            let deb = match find_deb(&debs, pkg) {
+                Some(d) => d,
+                None => {
+                    apt_updated()?;
+                    output(
+                        Command::new("apt-get")
+                            .args(["download", "-qq", pkg])
+                            .current_dir(&debs),
+                    )?;
+                    find_deb(&debs, pkg)
+                        .with_context(|| format!("apt-get download {pkg} left no .deb"))?
+                }
+            };
+            apt_install(&library_depends(&deb)?)?;
+            if !complete {
+                output(Command::new("dpkg").arg("-x").arg(&deb).arg(&dest))?;
+            }
+        }
+        if !complete {
+            println!("unpacked a private {} into {}", mta.dir, dest.display());
         }
     }
     Ok(())
@@ -238,7 +276,7 @@ mod tests {
     #[test]
     fn no_command_names_an_mta_package() {
         for p in TEST_PACKAGES {
-            assert!(!PRIVATE_MTAS.iter().any(|(m, _)| m == p), "{p}");
+            assert!(!PRIVATE_MTAS.iter().any(|m| m.packages.contains(p)), "{p}");
         }
         assert!(build_packages(22)
             .iter()

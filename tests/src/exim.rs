@@ -1,0 +1,137 @@
+//! A private Exim 4 (Debian's exim4-daemon-light, unpacked under target/mta by
+//! `cargo xtask test`) in the lab's server namespace, relaying lab.example to
+//! the sink. It runs as root with `-C`, its helpers as Debian-exim, a user that
+//! exists only in its private passwd.
+
+use crate::{
+    lab::Lab,
+    mta::{processes_with, stop_group, wait_listening, PrivateFiles, Sink, SINK},
+    postfix::mta_root,
+};
+use anyhow::{bail, Context, Result};
+use std::{path::PathBuf, process::Child, time::Duration};
+
+/// Debian-exim's id in the private passwd (unused on Debian hosts).
+const EXIM_ID: u32 = 64_990;
+
+pub struct Exim {
+    pub dir: PathBuf,
+    conf: PathBuf,
+    daemon: Child,
+    pub sink: Sink,
+}
+
+impl Exim {
+    /// `rcpt_acl` goes first in the RCPT ACL (may be empty); `main` is added to
+    /// the main section (options such as PIPECONNECT's).
+    pub fn start(lab: &Lab, rcpt_acl: &str, main: &str) -> Result<Self> {
+        let root = mta_root().join("exim");
+        let bin = root.join("usr/sbin/exim4");
+        if !bin.exists() {
+            bail!(
+                "no private Exim in {} (cargo xtask test unpacks it)",
+                root.display()
+            );
+        }
+        let dir = PathBuf::from(format!("/tmp/et-exim-{}", lab.server_ns));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["spool", "log"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let sink = Sink::start(lab, &dir.join("sink"))?;
+        let (d, b) = (dir.display(), bin.display());
+        let (sink_ip, sink_port) = SINK.split_once(':').expect("ip:port");
+        let conf = dir.join("exim.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "primary_hostname = mx.lab.example
+exim_path = {b}
+spool_directory = {d}/spool
+log_file_path = {d}/log/%slog
+pid_file_path = {d}/exim.pid
+log_selector = +incoming_port +smtp_connection
+daemon_smtp_ports = 25
+domainlist relay_to_domains = lab.example
+acl_smtp_rcpt = acl_check_rcpt
+rfc1413_hosts =
+tls_advertise_hosts =
+keep_environment =
+{main}
+
+begin acl
+acl_check_rcpt:
+{rcpt_acl}
+  accept domains = +relay_to_domains
+  deny
+
+begin routers
+sink:
+  driver = manualroute
+  domains = lab.example
+  transport = to_sink
+  route_list = * {sink_ip}::{sink_port}
+  self = send
+
+begin transports
+to_sink:
+  driver = smtp
+  allow_localhost
+
+begin retry
+* * F,1m,10s
+"
+            ),
+        )?;
+        let files = PrivateFiles::new(&dir.join("etc"), &[("Debian-exim", EXIM_ID)])?;
+        for d in ["spool", "log"] {
+            crate::lab::run(
+                "chown",
+                &[
+                    &format!("{EXIM_ID}:{EXIM_ID}"),
+                    &dir.join(d).display().to_string(),
+                ],
+            )?;
+        }
+        let conf_s = conf.display().to_string();
+        let bin_s = bin.display().to_string();
+        let daemon = files
+            .command(&lab.server_ns, false, &[&bin_s, "-C", &conf_s, "-bdf"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting exim")?;
+        let exim = Exim {
+            dir,
+            conf,
+            daemon,
+            sink,
+        };
+        wait_listening(lab, Duration::from_secs(20), || exim.log())?;
+        Ok(exim)
+    }
+
+    /// Main, reject and panic logs.
+    pub fn log(&self) -> String {
+        ["mainlog", "rejectlog", "paniclog"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.dir.join("log").join(f)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("")
+    }
+
+    /// The daemon and the children it forked (one per connection).
+    pub fn processes(&self) -> usize {
+        processes_with(&self.conf.display().to_string())
+    }
+}
+
+impl Drop for Exim {
+    fn drop(&mut self) {
+        stop_group(&mut self.daemon);
+        if std::env::var_os("EARLYTALKER_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! earlytalker in front of each real MTA, unmodified, one at a time in the server
+//! namespace: log, deny and denysoft, and defer-reject through the MTA's own
+//! hook. Every MTA is a private copy unpacked from Debian's package (none is
+//! installed on the host) and relays to an smtp-sink. Needs root.
+
+use earlytalker_tests::*;
+use std::{net::SocketAddr, time::Duration};
+
+/// What the matrix needs of an MTA.
+trait Mta {
+    fn log(&self) -> String;
+    fn sink(&self) -> &Sink;
+    /// Its processes, where one serves each connection; None where a pool of
+    /// long-lived workers does (Postfix's smtpd).
+    fn processes(&self) -> Option<usize>;
+    /// Whether a log line is its report of the lab client at `port` whose
+    /// socket was destroyed under it.
+    fn aborted(line: &str, port: u16) -> bool;
+}
+
+impl Mta for Exim {
+    fn log(&self) -> String {
+        Exim::log(self)
+    }
+    fn sink(&self) -> &Sink {
+        &self.sink
+    }
+    fn processes(&self) -> Option<usize> {
+        Some(Exim::processes(self))
+    }
+    fn aborted(line: &str, port: u16) -> bool {
+        line.contains("Software caused connection abort")
+            && line.contains(&format!("[{CLIENT_V4}]:{port}"))
+    }
+}
+
+impl Mta for Postfix {
+    fn log(&self) -> String {
+        Postfix::log(self)
+    }
+    fn sink(&self) -> &Sink {
+        &self.sink
+    }
+    fn processes(&self) -> Option<usize> {
+        None
+    }
+    /// Postfix names no client port (the lab's only other connections come
+    /// from loopback), and when the socket is gone before smtpd asks for the
+    /// peer's address, no client address either.
+    fn aborted(line: &str, _port: u16) -> bool {
+        line.contains("lost connection after CONNECT from")
+            && (line.contains(&format!("[{CLIENT_V4}]")) || line.contains("unknown[unknown]"))
+    }
+}
+
+const BODY: &str = "a line to arrive byte for byte: \\ \" 'x' \t tab";
+const BOT: &[u8] = b"EHLO bot.example\r\nMAIL FROM:<bot@spam.example>\r\n";
+
+fn server(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.server_addr(false), 25)
+}
+
+/// A polite message through swaks, delivered with its body intact.
+fn assert_polite_delivered<M: Mta>(lab: &Lab, mta: &M, already: usize) {
+    let (ok, transcript) = swaks(lab, "polite@lab.example", &["--body", BODY]);
+    assert!(ok, "swaks failed:\n{transcript}\n{}", mta.log());
+    let d = mta
+        .sink()
+        .wait_delivered(already + 1, Duration::from_secs(20));
+    assert_eq!(d.len(), already + 1, "delivered {d:?}\n{}", mta.log());
+    assert!(
+        d.iter()
+            .any(|m| m.contains(&format!("\r\n\r\n{BODY}\r\n"))
+                || m.contains(&format!("\n\n{BODY}\n"))),
+        "body changed in {d:?}"
+    );
+}
+
+/// log: the polite message is delivered; an early talker's bytes are logged
+/// and it is served as usual.
+fn log_mode<M: Mta>(start: impl FnOnce(&Lab) -> M) {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let mut agent = Agent::start(&lab, &["-a", "log", "-w", "1"]).unwrap();
+    let mta = start(&lab);
+    assert_polite_delivered(&lab, &mta, 0);
+    let s = server(&lab);
+    let (port, replies) =
+        join(lab.in_client(move || {
+            smtp_transaction(s, true, "bot@spam.example", "victim@lab.example")
+        }))
+        .unwrap()
+        .unwrap();
+    assert_eq!(replies[0].0, 220, "{replies:?}");
+    let v = agent.verdict_for(port, Duration::from_secs(10)).unwrap();
+    assert_eq!(v["event"], "early_talker", "{v}");
+    assert_eq!(v["bytes"], "EHLO bot.example\r\n".len(), "{v}");
+    assert_eq!(v["payload"], "EHLO bot.example\\r\\n", "{v}");
+}
+
+/// deny/denysoft: the bot gets our reply and nothing of it reaches the MTA,
+/// whose socket is destroyed (it logs the abort) and whose process or slot is
+/// free again within 2 s; the next polite client is served.
+fn deny_mode<M: Mta>(action: &str, start: impl FnOnce(&Lab) -> M) {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let mut agent = Agent::start(&lab, &["-a", action, "-w", "1"]).unwrap();
+    let mta = start(&lab);
+    let idle = mta.processes();
+    let run = lab.bot(server(&lab), BOT, false);
+    assert_eq!(String::from_utf8_lossy(&run.received), reply_line(action));
+    assert_eq!(run.end, "eof");
+    let v = agent
+        .verdict_for(run.local_port, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(v["action"], action, "{v}");
+    let aborted = eventually(Duration::from_secs(2), || {
+        mta.log().lines().any(|l| M::aborted(l, run.local_port))
+    });
+    let log = mta.log();
+    assert!(
+        aborted,
+        "no abort logged for port {}:\n{log}",
+        run.local_port
+    );
+    // Not a byte of the bot's: neither its EHLO name nor its sender.
+    assert!(
+        !log.contains("bot.example") && !log.contains("spam.example"),
+        "{log}"
+    );
+    if let Some(idle) = idle {
+        assert!(
+            eventually(Duration::from_secs(2), || mta.processes() == Some(idle)),
+            "{:?} processes 2 s after the teardown, {idle} before",
+            mta.processes()
+        );
+    }
+    assert_polite_delivered(&lab, &mta, 0);
+    agent.stop().unwrap();
+    assert!(
+        agent.events("teardown_failed").is_empty(),
+        "{:?}",
+        agent.seen
+    );
+}
+
+fn exim(lab: &Lab) -> Exim {
+    Exim::start(lab, "", "").unwrap()
+}
+
+#[test]
+fn m01_exim_log() {
+    log_mode(exim);
+}
+
+#[test]
+fn m02_exim_deny() {
+    deny_mode("deny", exim);
+}
+
+#[test]
+fn m03_exim_denysoft() {
+    deny_mode("denysoft", exim);
+}
+
+fn postfix(lab: &Lab) -> Postfix {
+    Postfix::start(lab, "", "").unwrap()
+}
+
+#[test]
+fn m04_postfix_log() {
+    log_mode(postfix);
+}
+
+#[test]
+fn m05_postfix_deny() {
+    deny_mode("deny", postfix);
+}
+
+#[test]
+fn m06_postfix_denysoft() {
+    deny_mode("denysoft", postfix);
+}
