@@ -11,8 +11,12 @@ use crate::{
 use anyhow::{bail, Context, Result};
 use std::{path::PathBuf, process::Child, time::Duration};
 
-/// Debian-exim's id in the private passwd (unused on Debian hosts).
+/// Debian-exim's uid in the private passwd (unused on Debian hosts); its group
+/// is the host's `mail`, so that the agent's sockets can be handed to it with
+/// `--socket-group mail`.
 const EXIM_ID: u32 = 64_990;
+pub const EXIM_GROUP: &str = "mail";
+const MAIL_GID: u32 = 8;
 
 pub struct Exim {
     pub dir: PathBuf,
@@ -83,12 +87,12 @@ begin retry
 "
             ),
         )?;
-        let files = PrivateFiles::new(&dir.join("etc"), &[("Debian-exim", EXIM_ID)])?;
+        let files = PrivateFiles::new(&dir.join("etc"), &[("Debian-exim", EXIM_ID, MAIL_GID)])?;
         for d in ["spool", "log"] {
             crate::lab::run(
                 "chown",
                 &[
-                    &format!("{EXIM_ID}:{EXIM_ID}"),
+                    &format!("{EXIM_ID}:{MAIL_GID}"),
                     &dir.join(d).display().to_string(),
                 ],
             )?;
@@ -134,4 +138,28 @@ impl Drop for Exim {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The RCPT ACL lines the README gives for Exim, with the policy socket at `socket`.
+pub fn readme_acl(socket: &std::path::Path) -> Result<String> {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
+    let from = readme
+        .find("**Exim**, from the RCPT ACL")
+        .context("README: no Exim snippet")?;
+    let block = readme[from..]
+        .split("```")
+        .nth(1)
+        .context("README: the Exim snippet has no code block")?;
+    let lines: Vec<&str> = block
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.trim_start().starts_with('#'))
+        .collect();
+    if lines.is_empty() {
+        bail!("README: the Exim snippet is empty");
+    }
+    Ok(lines.join("\n").replace(
+        "/run/earlytalker/policy.sock",
+        &socket.display().to_string(),
+    ))
 }

@@ -84,18 +84,21 @@ pub struct PrivateFiles {
 }
 
 impl PrivateFiles {
-    /// passwd and group with `users` (name, id) added to the host's, a hosts
-    /// file naming the server, and a resolver pointed at the namespace's own
-    /// loopback where nothing listens: every DNS query fails at once.
-    pub fn new(dir: &Path, users: &[(&str, u32)]) -> Result<Self> {
+    /// passwd and group with `users` (name, uid, gid) added to the host's, a
+    /// hosts file naming the
+    /// server, and a resolver pointed at the namespace's own loopback where
+    /// nothing listens: every DNS query fails at once.
+    pub fn new(dir: &Path, users: &[(&str, u32, u32)]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut passwd = std::fs::read_to_string("/etc/passwd")?;
         let mut group = std::fs::read_to_string("/etc/group")?;
-        for (name, id) in users {
+        for (name, uid, gid) in users {
             passwd.push_str(&format!(
-                "{name}:x:{id}:{id}::/nonexistent:/usr/sbin/nologin\n"
+                "{name}:x:{uid}:{gid}::/nonexistent:/usr/sbin/nologin\n"
             ));
-            group.push_str(&format!("{name}:x:{id}:\n"));
+            // A group of the user's name too (MTAs look theirs up by name),
+            // even where the gid is a host group's: names may share a gid.
+            group.push_str(&format!("{name}:x:{gid}:\n"));
         }
         let files = [
             ("passwd", passwd, "/etc/passwd"),

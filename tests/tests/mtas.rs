@@ -181,3 +181,61 @@ fn m05_postfix_deny() {
 fn m06_postfix_denysoft() {
     deny_mode("denysoft", postfix);
 }
+
+/// defer-reject through the MTA's own hook: the bot is greeted as usual and
+/// refused at MAIL or RCPT with our text (5xx for deny) in the MTA's log; the
+/// polite client's mail is delivered, nothing of the bot's.
+fn defer_reject_mode<M: Mta>(
+    hook_args: impl FnOnce(&Lab) -> Vec<String>,
+    start: impl FnOnce(&Lab) -> M,
+) {
+    require_root();
+    let lab = Lab::new().unwrap();
+    std::fs::create_dir_all(lab.dir()).unwrap();
+    let hook = hook_args(&lab);
+    let mut args = vec!["-a", "deny", "--defer-reject", "-w", "1"];
+    args.extend(hook.iter().map(String::as_str));
+    // The agent first: the MTA's first lookup must find it.
+    let mut agent = Agent::start(&lab, &args).unwrap();
+    let mta = start(&lab);
+    assert_polite_delivered(&lab, &mta, 0);
+    let s = server(&lab);
+    let (port, replies) =
+        join(lab.in_client(move || {
+            smtp_transaction(s, true, "bot@spam.example", "victim@lab.example")
+        }))
+        .unwrap()
+        .unwrap();
+    assert_eq!(replies[0].0, 220, "greeted as usual: {replies:?}");
+    let last = replies.last().unwrap();
+    assert_eq!(last.0 / 100, 5, "{replies:?}\n{}", mta.log());
+    assert!(last.1.contains(REPLY_TEXT), "{replies:?}");
+    assert!(replies.len() <= 4, "went past RCPT: {replies:?}");
+    let v = agent.verdict_for(port, Duration::from_secs(10)).unwrap();
+    assert_eq!(v["action"], "defer", "{v}");
+    let log = mta.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(REPLY_TEXT) && l.contains("victim@lab.example")),
+        "no refusal with our text in the MTA's log:\n{log}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(mta.sink().delivered().len(), 1, "{}", mta.log());
+}
+
+/// The policy service on a unix socket in the lab's directory, handed to the
+/// group the lab's MTAs run in (`mail`).
+fn policy_socket(lab: &Lab) -> Vec<String> {
+    let socket = lab.dir().join("policy.sock").display().to_string();
+    ["--policy-socket", &socket, "--socket-group", EXIM_GROUP]
+        .map(String::from)
+        .to_vec()
+}
+
+#[test]
+fn m07_exim_defer_reject_through_the_readme_acl() {
+    defer_reject_mode(policy_socket, |lab| {
+        let acl = exim::readme_acl(&lab.dir().join("policy.sock")).unwrap();
+        Exim::start(lab, &acl, "").unwrap()
+    });
+}
