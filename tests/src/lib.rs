@@ -17,6 +17,7 @@ pub mod mta;
 pub mod postfix;
 pub mod responder;
 mod rig;
+pub mod sendmail;
 
 pub use agent::*;
 pub use clients::*;
@@ -26,6 +27,7 @@ pub use mta::*;
 pub use postfix::*;
 pub use responder::*;
 pub use rig::*;
+pub use sendmail::*;
 
 /// The text of the agent's refusals (qpsmtpd's wording).
 pub use earlytalker::actions::REPLY_TEXT;

@@ -81,6 +81,8 @@ impl Drop for Sink {
 /// Files an MTA sees in place of the host's, in its private mount namespace.
 pub struct PrivateFiles {
     binds: Vec<(PathBuf, &'static str)>,
+    /// A private /dev: (where the host's is kept, the socket to use as /dev/log).
+    dev: Option<(PathBuf, PathBuf)>,
 }
 
 impl PrivateFiles {
@@ -124,12 +126,19 @@ impl PrivateFiles {
             std::fs::write(&p, text)?;
             binds.push((p, target));
         }
-        Ok(PrivateFiles { binds })
+        Ok(PrivateFiles { binds, dev: None })
     }
 
     /// Also bind `src` over `target` (a directory the MTA insists on).
     pub fn bind(&mut self, src: PathBuf, target: &'static str) {
         self.binds.push((src, target));
+    }
+
+    /// A private /dev (a tmpfs with the host's null, zero, random and urandom)
+    /// whose /dev/log is `log`, for an MTA that logs only to syslog; `keep` is
+    /// an empty directory where the host's /dev is bound meanwhile.
+    pub fn private_dev(&mut self, keep: &Path, log: &Path) {
+        self.dev = Some((keep.to_path_buf(), log.to_path_buf()));
     }
 
     /// `argv` in the lab's server namespace, in a private mount namespace with
@@ -140,6 +149,14 @@ impl PrivateFiles {
         let mut script = String::from("set -e;");
         for (src, target) in &self.binds {
             script.push_str(&format!("mount --bind '{}' '{target}';", src.display()));
+        }
+        if let Some((keep, log)) = &self.dev {
+            let (k, l) = (keep.display(), log.display());
+            script.push_str(&format!(
+                "mount --bind /dev '{k}'; mount -t tmpfs tmpfs /dev;\
+                 for n in null zero random urandom; do touch /dev/$n; mount --bind '{k}'/$n /dev/$n; done;\
+                 touch /dev/log; mount --bind '{l}' /dev/log;"
+            ));
         }
         if own_hostname {
             script.push_str("hostname mx.lab.example;");
@@ -217,6 +234,23 @@ pub fn processes_with(needle: &str) -> usize {
                         .contains(needle)
                 })
                 .unwrap_or(false)
+        })
+        .count()
+}
+
+/// Live processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> usize {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // pid (comm) state ppid …; comm may hold spaces and parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok())
+                == Some(pid)
         })
         .count()
 }

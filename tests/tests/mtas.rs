@@ -34,6 +34,24 @@ impl Mta for Exim {
     }
 }
 
+impl Mta for Sendmail {
+    fn log(&self) -> String {
+        Sendmail::log(self)
+    }
+    fn sink(&self) -> &Sink {
+        &self.sink
+    }
+    fn processes(&self) -> Option<usize> {
+        Some(Sendmail::processes(self))
+    }
+    /// Sendmail names no client port, and reports a connection destroyed
+    /// before any command as one that ended without a transaction (its child
+    /// then exits: the process count shows the slot is free).
+    fn aborted(line: &str, _port: u16) -> bool {
+        line.contains(&format!("[{CLIENT_V4}] did not issue MAIL"))
+    }
+}
+
 impl Mta for Postfix {
     fn log(&self) -> String {
         Postfix::log(self)
@@ -214,9 +232,10 @@ fn defer_reject_mode<M: Mta>(
     let v = agent.verdict_for(port, Duration::from_secs(10)).unwrap();
     assert_eq!(v["action"], "defer", "{v}");
     let log = mta.log();
+    // Refused at RCPT (the recipient is named) or at MAIL (the sender is).
     assert!(
-        log.lines()
-            .any(|l| l.contains(REPLY_TEXT) && l.contains("victim@lab.example")),
+        log.lines().any(|l| l.contains(REPLY_TEXT)
+            && (l.contains("victim@lab.example") || l.contains("bot@spam.example"))),
         "no refusal with our text in the MTA's log:\n{log}"
     );
     std::thread::sleep(Duration::from_millis(500));
@@ -238,4 +257,40 @@ fn m07_exim_defer_reject_through_the_readme_acl() {
         let acl = exim::readme_acl(&lab.dir().join("policy.sock")).unwrap();
         Exim::start(lab, &acl, "").unwrap()
     });
+}
+
+fn sendmail(lab: &Lab) -> Sendmail {
+    Sendmail::start(lab, "").unwrap()
+}
+
+#[test]
+fn m08_sendmail_log() {
+    log_mode(sendmail);
+}
+
+#[test]
+fn m09_sendmail_deny() {
+    deny_mode("deny", sendmail);
+}
+
+#[test]
+fn m10_sendmail_denysoft() {
+    deny_mode("denysoft", sendmail);
+}
+
+const MILTER: &str = "127.0.0.1:10041";
+
+#[test]
+fn m11_sendmail_defer_reject_through_the_milter() {
+    defer_reject_mode(
+        |_| vec!["--milter-listen".into(), MILTER.into()],
+        |lab| {
+            let (ip, port) = MILTER.split_once(':').unwrap();
+            Sendmail::start(
+                lab,
+                &format!("INPUT_MAIL_FILTER(`earlytalker', `S=inet:{port}@{ip}, F=T, T=C:5s;S:5s;R:5s;E:10s')dnl"),
+            )
+            .unwrap()
+        },
+    );
 }
