@@ -114,6 +114,17 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         control_socket: PathBuf,
     },
+    /// Defer-reject for OpenSMTPD: a filter (smtpd.conf `proc-exec`) that asks
+    /// the running agent's policy service at MAIL FROM and RCPT TO
+    #[command(group(clap::ArgGroup::new("policy").required(true)))]
+    OpensmtpdFilter {
+        /// The agent's policy service on this unix socket (its --policy-socket)
+        #[arg(long, value_name = "PATH", group = "policy")]
+        policy_socket: Option<PathBuf>,
+        /// The agent's policy service at this address (its --policy-listen)
+        #[arg(long, value_name = "ADDR:PORT", group = "policy", value_parser = parse_loopback)]
+        policy_listen: Option<SocketAddr>,
+    },
     /// Write the man page and shell completions into DIR (for packaging)
     #[command(hide = true)]
     Generate { dir: PathBuf },

@@ -7,7 +7,8 @@
 //! * start-up and the event loop: `daemon`; what a kernel record leads to:
 //!   `pipeline` (with `events`, `store`, `actions`, `output`, `counts`);
 //! * the kernel side: `loader` (load, configure, attach), `iface`, `privs`;
-//! * what the MTA and the operator ask: `policy`, `milter`, `listen`, `status`,
+//! * what the MTA and the operator ask: `policy`, `milter`, `opensmtpd` (a
+//!   filter OpenSMTPD runs), `listen`, `status`,
 //!   `metrics`; settings: `config`; the pass cache on disk: `passcache`.
 
 pub mod actions;
@@ -20,6 +21,7 @@ pub mod listen;
 pub mod loader;
 pub mod metrics;
 pub mod milter;
+pub mod opensmtpd;
 pub mod output;
 pub mod passcache;
 pub mod pipeline;

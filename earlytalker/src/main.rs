@@ -4,7 +4,7 @@ use clap::{error::ErrorKind, CommandFactory, Parser};
 use earlytalker::{
     config::{Cli, Command},
     daemon::{self, StartError},
-    status,
+    opensmtpd, status,
 };
 use std::process::ExitCode;
 
@@ -42,6 +42,23 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(format!("{e:#}")),
         },
+        Some(Command::OpensmtpdFilter {
+            policy_socket,
+            policy_listen,
+        }) => {
+            let to = match (policy_socket, policy_listen) {
+                (Some(p), _) => opensmtpd::PolicyAddr::Unix(p),
+                (None, Some(a)) => opensmtpd::PolicyAddr::Tcp(a),
+                (None, None) => return fail("one of --policy-socket, --policy-listen is needed"),
+            };
+            match opensmtpd::run(to) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("earlytalker opensmtpd-filter: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Generate { dir }) => match generate(&dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("{e:#}")),
