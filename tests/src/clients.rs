@@ -221,15 +221,13 @@ pub fn smtp_transaction(
 /// port 25: one message from polite@client.example to `to`, plus `extra` flags
 /// (e.g. `--pipeline`, `--body`). Returns whether it succeeded and its transcript.
 pub fn swaks(lab: &crate::Lab, to: &str, extra: &[&str]) -> (bool, String) {
+    swaks_via(lab, crate::SERVER_V4, to, extra)
+}
+
+/// `swaks` to another server (e.g. a sending MTA on the client's loopback).
+pub fn swaks_via(lab: &crate::Lab, server: &str, to: &str, extra: &[&str]) -> (bool, String) {
     let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.client_ns,
-            "swaks",
-            "--server",
-            crate::SERVER_V4,
-        ])
+        .args(["netns", "exec", &lab.client_ns, "swaks", "--server", server])
         .args(["--from", "polite@client.example", "--to", to])
         .args(["--helo", "polite.example", "--timeout", "20"])
         .args(extra)

@@ -5,7 +5,7 @@
 
 use crate::{
     lab::Lab,
-    mta::{processes_with, stop_group, wait_listening, PrivateFiles, Sink, SINK},
+    mta::{processes_with, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
     postfix::mta_root,
 };
 use anyhow::{bail, Context, Result};
@@ -22,13 +22,31 @@ pub struct Exim {
     pub dir: PathBuf,
     conf: PathBuf,
     daemon: Child,
-    pub sink: Sink,
+    /// The server's sink; a client-side Exim relays to the server instead.
+    pub sink: Option<Sink>,
 }
 
 impl Exim {
-    /// `rcpt_acl` goes first in the RCPT ACL (may be empty); `main` is added to
-    /// the main section (options such as PIPECONNECT's).
+    /// A server behind the agent. `rcpt_acl` goes first in the RCPT ACL (may be
+    /// empty); `main` is added to the main section.
     pub fn start(lab: &Lab, rcpt_acl: &str, main: &str) -> Result<Self> {
+        Self::start_on(lab, Side::Server, rcpt_acl, main, "")
+    }
+
+    /// A sending Exim in the client namespace: it accepts on its loopback and
+    /// relays lab.example to the server through its smtp transport, to which
+    /// `transport` is added (e.g. `hosts_pipe_connect = *`).
+    pub fn client(lab: &Lab, main: &str, transport: &str) -> Result<Self> {
+        Self::start_on(lab, Side::Client, "", main, transport)
+    }
+
+    fn start_on(
+        lab: &Lab,
+        side: Side,
+        rcpt_acl: &str,
+        main: &str,
+        transport: &str,
+    ) -> Result<Self> {
         let root = mta_root().join("exim");
         let bin = root.join("usr/sbin/exim4");
         if !bin.exists() {
@@ -37,25 +55,39 @@ impl Exim {
                 root.display()
             );
         }
-        let dir = PathBuf::from(format!("/tmp/et-exim-{}", lab.server_ns));
+        let dir = side.dir("exim", lab);
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["spool", "log"] {
             std::fs::create_dir_all(dir.join(d))?;
         }
-        let sink = Sink::start(lab, &dir.join("sink"))?;
+        // A sender must not share the server's name.
+        let (sink, next_hop, interfaces, hostname) = match side {
+            Side::Server => (
+                Some(Sink::start(lab, &dir.join("sink"))?),
+                SINK.replace(':', "::"),
+                "<; 0.0.0.0 ; ::0",
+                "mx.lab.example",
+            ),
+            Side::Client => (
+                None,
+                format!("{}::25", crate::SERVER_V4),
+                "127.0.0.1",
+                "out.client.example",
+            ),
+        };
         let (d, b) = (dir.display(), bin.display());
-        let (sink_ip, sink_port) = SINK.split_once(':').expect("ip:port");
         let conf = dir.join("exim.conf");
         std::fs::write(
             &conf,
             format!(
-                "primary_hostname = mx.lab.example
+                "primary_hostname = {hostname}
 exim_path = {b}
 spool_directory = {d}/spool
 log_file_path = {d}/log/%slog
 pid_file_path = {d}/exim.pid
 log_selector = +incoming_port +smtp_connection
 daemon_smtp_ports = 25
+local_interfaces = {interfaces}
 domainlist relay_to_domains = lab.example
 acl_smtp_rcpt = acl_check_rcpt
 rfc1413_hosts =
@@ -74,13 +106,14 @@ sink:
   driver = manualroute
   domains = lab.example
   transport = to_sink
-  route_list = * {sink_ip}::{sink_port}
+  route_list = * {next_hop}
   self = send
 
 begin transports
 to_sink:
   driver = smtp
   allow_localhost
+{transport}
 
 begin retry
 * * F,1m,10s
@@ -100,7 +133,7 @@ begin retry
         let conf_s = conf.display().to_string();
         let bin_s = bin.display().to_string();
         let daemon = files
-            .command(&lab.server_ns, false, &[&bin_s, "-C", &conf_s, "-bdf"])
+            .command(side.ns(lab), false, &[&bin_s, "-C", &conf_s, "-bdf"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -112,7 +145,7 @@ begin retry
             daemon,
             sink,
         };
-        wait_listening(lab, Duration::from_secs(20), || exim.log())?;
+        wait_listening(lab, side, Duration::from_secs(20), || exim.log())?;
         Ok(exim)
     }
 

@@ -17,6 +17,33 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Which of the lab's namespaces an MTA runs in: the server's (port 25 on
+/// every address, behind the agent, relaying to the sink), or the client's
+/// (port 25 on its loopback only, relaying to the server: a real sending MTA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Server,
+    Client,
+}
+
+impl Side {
+    pub fn ns(self, lab: &Lab) -> &str {
+        match self {
+            Side::Server => &lab.server_ns,
+            Side::Client => &lab.client_ns,
+        }
+    }
+
+    /// A scratch directory for an MTA of this side.
+    pub fn dir(self, mta: &str, lab: &Lab) -> PathBuf {
+        let side = match self {
+            Side::Server => "server",
+            Side::Client => "client",
+        };
+        PathBuf::from(format!("/tmp/et-{mta}-{side}-{}", lab.server_ns))
+    }
+}
+
 /// Where every lab MTA relays its mail: Postfix's smtp-sink on the server
 /// namespace's loopback, one file per message.
 pub const SINK: &str = "127.0.0.1:2525";
@@ -197,14 +224,19 @@ pub fn stop_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Waits (bounded) until something accepts on port 25 of the lab's server.
-/// Asked on the server's loopback, which the agent does not watch, so the MTA
-/// logs these probes as from 127.0.0.1, apart from the clients under test.
-pub fn wait_listening(lab: &Lab, timeout: Duration, log: impl Fn() -> String) -> Result<()> {
+/// Waits (bounded) until something accepts on port 25 of `side`'s loopback,
+/// which the agent does not watch, so the MTA logs these probes as from
+/// 127.0.0.1, apart from the clients under test.
+pub fn wait_listening(
+    lab: &Lab,
+    side: Side,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> Result<()> {
     let end = Instant::now() + timeout;
     let addr: SocketAddr = "127.0.0.1:25".parse().expect("literal");
     loop {
-        let up = join(lab.in_server(move || {
+        let up = join(crate::lab::spawn_in(side.ns(lab), move || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
         }))
         .unwrap_or(false);

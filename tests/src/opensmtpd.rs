@@ -7,7 +7,7 @@
 
 use crate::{
     lab::Lab,
-    mta::{stop_group, wait_listening, PrivateFiles, Sink, SINK},
+    mta::{stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
     postfix::mta_root,
 };
 use anyhow::{bail, Context, Result};
@@ -85,7 +85,7 @@ match from any for domain \"lab.example\" action \"sink\"
             .spawn()
             .context("starting smtpd")?;
         let s = Opensmtpd { dir, daemon, sink };
-        wait_listening(lab, Duration::from_secs(20), || s.log())?;
+        wait_listening(lab, Side::Server, Duration::from_secs(20), || s.log())?;
         Ok(s)
     }
 

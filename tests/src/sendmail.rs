@@ -8,7 +8,7 @@
 
 use crate::{
     lab::Lab,
-    mta::{children_of, stop_group, wait_listening, PrivateFiles, Sink, SINK},
+    mta::{children_of, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
     postfix::mta_root,
 };
 use anyhow::{bail, Context, Result};
@@ -110,7 +110,7 @@ MAILER(`smtp')dnl
             sink,
             syslog,
         };
-        wait_listening(lab, Duration::from_secs(20), || sm.log())?;
+        wait_listening(lab, Side::Server, Duration::from_secs(20), || sm.log())?;
         Ok(sm)
     }
 

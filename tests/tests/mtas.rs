@@ -24,7 +24,7 @@ impl Mta for Exim {
         Exim::log(self)
     }
     fn sink(&self) -> &Sink {
-        &self.sink
+        self.sink.as_ref().expect("a server")
     }
     fn processes(&self) -> Option<usize> {
         // Less the daemon itself.
@@ -88,7 +88,7 @@ impl Mta for Postfix {
         Postfix::log(self)
     }
     fn sink(&self) -> &Sink {
-        &self.sink
+        self.sink.as_ref().expect("a server")
     }
     fn processes(&self) -> Option<usize> {
         None

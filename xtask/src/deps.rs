@@ -22,10 +22,12 @@ pub fn build_packages(llvm_major: u32) -> Vec<String> {
     ]
 }
 
-/// What the test suite runs besides the MTAs: namespaces (iproute2), a real SMTP
-/// client (swaks), systemd-analyze for the shipped unit, and m4 (Sendmail's
-/// configuration is built with it).
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "swaks", "systemd", "m4"];
+/// What the test suite runs besides the MTAs: namespaces (iproute2), real SMTP
+/// clients (swaks, msmtp, curl, Python's smtplib), systemd-analyze for the
+/// shipped unit, and m4 (Sendmail's configuration is built with it).
+pub const TEST_PACKAGES: &[&str] = &[
+    "iproute2", "swaks", "msmtp", "curl", "python3", "systemd", "m4",
+];
 
 /// An MTA the suite runs from a private copy.
 pub struct PrivateMta {
