@@ -99,6 +99,18 @@ impl Conn {
         ConnFlags::from_bits_retain(self.flags)
     }
 
+    /// Whether the kept first bytes begin with an EHLO command (any case), as
+    /// an early-pipelining client's do. The kernel reads five fixed bytes.
+    #[inline(always)]
+    pub fn starts_with_ehlo(&self) -> bool {
+        self.payload_len >= 5
+            && self.payload[0] | 0x20 == b'e'
+            && self.payload[1] | 0x20 == b'h'
+            && self.payload[2] | 0x20 == b'l'
+            && self.payload[3] | 0x20 == b'o'
+            && self.payload[4] == b' '
+    }
+
     /// Client payload bytes before the greeting (sequence space, wraps).
     pub fn early_bytes(&self) -> u32 {
         self.client_end.wrapping_sub(self.client_base)
@@ -132,6 +144,10 @@ bitflags::bitflags! {
         const REPORTED = 1 << 7;
         /// The close of a tracked early talker was reported (claimed atomically).
         const CLOSED = 1 << 8;
+        /// Early, but allowed: a client that passed before (PASS_CACHED) whose
+        /// first bytes are an EHLO, as Exim's early pipelining (PIPECONNECT)
+        /// sends, while CfgFlags::PIPECONNECT is set. Never denied.
+        const PIPECONNECT = 1 << 9;
     }
 }
 
@@ -182,6 +198,9 @@ bitflags::bitflags! {
         const ENFORCE = 1 << 0;
         /// Keep early talkers tracked until they close (defer-reject).
         const TRACK_EARLY = 1 << 1;
+        /// Allow PIPECONNECT (see ConnFlags::PIPECONNECT): the MTA advertises
+        /// it, or the operator said so.
+        const PIPECONNECT = 1 << 2;
     }
 }
 

@@ -17,6 +17,7 @@ pub enum Stat {
     DenyDrops = 9,
     AllowHits = 10,
     PassCacheHits = 11,
+    Pipeconnect = 12,
 }
 
 pub struct StatInfo {
@@ -52,7 +53,7 @@ const fn s(stat: Stat, name: &'static str, help: &'static str, metric: bool) -> 
 }
 
 /// Indexed by `Stat`: entry i describes the counter at index i.
-pub const STATS: [StatInfo; 12] = [
+pub const STATS: [StatInfo; 13] = [
     s(
         Stat::Tracked,
         "connections_tracked",
@@ -123,6 +124,12 @@ pub const STATS: [StatInfo; 12] = [
         Stat::PassCacheHits,
         "pass_cache_hits",
         "Connections not held thanks to the pass cache",
+        true,
+    ),
+    s(
+        Stat::Pipeconnect,
+        "pipeconnect_allowed",
+        "Early EHLOs allowed as PIPECONNECT from clients that passed before",
         true,
     ),
 ];

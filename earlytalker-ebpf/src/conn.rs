@@ -96,21 +96,36 @@ pub fn client_data(
     if seq_after(end, conn.client_end) {
         conn.client_end = end;
     }
-    // The early mark and, under enforcement, the deny are set in one atomic OR.
-    // (Only for a connection not yet early: one logged before a reload to deny
-    // stays logged rather than being silently cut off.)
     let first = !conn.has(ConnFlags::EARLY);
-    let deny = if cfg.has(CfgFlags::ENFORCE) && first {
-        ConnFlags::DENY
-    } else {
-        ConnFlags::empty()
-    };
-    set_flags(conn, ConnFlags::EARLY | deny);
     if first {
         conn.first_ns = now_ns;
         copy_payload(ctx, seg, conn);
-        maps::forget_pass(&key.client_addr);
-        stat(Stat::Early);
+    }
+    // Exim's early pipelining: a client that passed before (the only way a real
+    // one learns the server offers PIPECONNECT) opening with EHLO. Allowed when
+    // the agent says the MTA offers it; anyone else is judged as usual.
+    let pipeconnect = first
+        && cfg.has(CfgFlags::PIPECONNECT)
+        && conn.has(ConnFlags::PASS_CACHED)
+        && conn.starts_with_ehlo();
+    // The early mark and, under enforcement, the deny are set in one atomic OR.
+    // (Only for a connection not yet early: one logged before a reload to deny
+    // stays logged rather than being silently cut off.)
+    let mut bits = ConnFlags::EARLY;
+    if pipeconnect {
+        bits |= ConnFlags::PIPECONNECT;
+    } else if first && cfg.has(CfgFlags::ENFORCE) {
+        bits |= ConnFlags::DENY;
+    }
+    set_flags(conn, bits);
+    if first {
+        if pipeconnect {
+            stat(Stat::Pipeconnect);
+        } else {
+            // An address that early-talks loses its pass.
+            maps::forget_pass(&key.client_addr);
+            stat(Stat::Early);
+        }
         emit(EventKind::Early, Reason::None, key, conn, now_ns);
     }
     if conn.has(ConnFlags::DENY) {
@@ -128,9 +143,12 @@ pub fn verdict(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64, cfg:
     if !claim(conn, ConnFlags::REPORTED) {
         return false;
     }
-    let early = conn.has(ConnFlags::EARLY);
+    // A PIPECONNECT client talked first but is no early talker: it is neither
+    // counted as a pass nor kept for defer-reject.
+    let talked = conn.has(ConnFlags::EARLY);
+    let early = talked && !conn.has(ConnFlags::PIPECONNECT);
     if reason == Reason::Greeting {
-        if !early {
+        if !talked {
             stat(Stat::Pass);
             // Only a real hold earns (or renews) a pass, as in postscreen.
             if cfg.pass_ttl_ns > 0 && !conn.has(ConnFlags::PASS_CACHED) {

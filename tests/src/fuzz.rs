@@ -30,8 +30,11 @@ const F_DENY: u32 = ConnFlags::DENY.bits();
 const F_GREETED: u32 = ConnFlags::GREETED.bits();
 const F_REPORTED: u32 = ConnFlags::REPORTED.bits();
 const F_CLOSED: u32 = ConnFlags::CLOSED.bits();
+const F_PASS_CACHED: u32 = ConnFlags::PASS_CACHED.bits();
+const F_PIPECONNECT: u32 = ConnFlags::PIPECONNECT.bits();
 const CFG_ENFORCE: u64 = CfgFlags::ENFORCE.bits();
 const CFG_TRACK_EARLY: u64 = CfgFlags::TRACK_EARLY.bits();
+const CFG_PIPECONNECT: u64 = CfgFlags::PIPECONNECT.bits();
 const EV_EARLY: u32 = EventKind::Early as u32;
 const EV_VERDICT: u32 = EventKind::Verdict as u32;
 const EV_CLOSED: u32 = EventKind::Closed as u32;
@@ -226,6 +229,9 @@ fn after(a: u32, b: u32) -> bool {
 pub struct Model {
     pub wait_zero: bool,
     pub enforce: bool,
+    /// The pass cache is on (a TTL longer than any run) and PIPECONNECT allowed.
+    pub pass: bool,
+    passed: std::collections::HashSet<[u8; 16]>,
     conns: HashMap<Key, ConnView>,
     hs: HashMap<Key, Handshake>,
     events: Vec<EventView>,
@@ -247,13 +253,22 @@ impl Model {
             c.client_end = end;
         }
         if c.flags & F_EARLY == 0 {
-            c.flags |= F_EARLY;
-            if self.enforce {
-                c.flags |= F_DENY;
-            }
             let n = (seg.payload_len as usize).min(PAYLOAD_MAX);
             if n > 0 && seg.payload_off + n <= p.len() {
                 c.payload = p[seg.payload_off..seg.payload_off + n].to_vec();
+            }
+            // A client that passed before opening with "EHLO ": PIPECONNECT.
+            let ehlo = c.payload.len() >= 5
+                && c.payload[..4].eq_ignore_ascii_case(b"ehlo")
+                && c.payload[4] == b' ';
+            c.flags |= F_EARLY;
+            if self.pass && c.flags & F_PASS_CACHED != 0 && ehlo {
+                c.flags |= F_PIPECONNECT;
+            } else {
+                if self.enforce {
+                    c.flags |= F_DENY;
+                }
+                self.passed.remove(&key.client_addr);
             }
             self.emit(EV_EARLY, 0, key, c);
         }
@@ -263,7 +278,6 @@ impl Model {
             NEXT
         }
     }
-
     fn verdict(&mut self, key: Key, mut c: ConnView, reason: u32) {
         // Claimed once per connection.
         if c.flags & F_REPORTED != 0 {
@@ -271,7 +285,13 @@ impl Model {
         }
         c.flags |= F_REPORTED;
         self.emit(EV_VERDICT, reason, key, &c);
-        if reason == R_GREETING && c.flags & F_EARLY != 0 && !self.enforce {
+        let talked = c.flags & F_EARLY != 0;
+        // Only a real hold earns a pass.
+        if reason == R_GREETING && !talked && self.pass && c.flags & F_PASS_CACHED == 0 {
+            self.passed.insert(key.client_addr);
+        }
+        let early = talked && c.flags & F_PIPECONNECT == 0;
+        if reason == R_GREETING && early && !self.enforce {
             c.flags |= F_GREETED;
             self.conns.insert(key, c);
         } else {
@@ -376,6 +396,10 @@ impl Model {
             flags: 0,
             payload: vec![],
         };
+        if self.pass && self.passed.contains(&key.client_addr) {
+            // Passed before: not held.
+            c.flags |= F_PASS_CACHED;
+        }
         let mut act = NEXT;
         if seg.payload_len > 0 {
             act = self.client_data(p, &seg, key, &mut c);
@@ -428,7 +452,7 @@ impl Model {
             return act;
         }
         if seg.payload_len > 0 {
-            if !self.wait_zero {
+            if !self.wait_zero && c.flags & F_PASS_CACHED == 0 {
                 c.flags |= F_HELD;
                 self.conns.insert(key, c);
                 return SHOT;
@@ -454,11 +478,16 @@ impl Model {
 // ------------------------------------------------------------------ generator
 
 /// xorshift64*: deterministic per seed, so any disagreement can be replayed.
-pub struct Rng(u64);
+/// A quiet one never takes a chance: packets built with it are well formed.
+pub struct Rng(u64, bool);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, false)
+    }
+
+    fn quiet() -> Self {
+        Rng(1, true)
     }
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
@@ -470,7 +499,7 @@ impl Rng {
         self.next_u64() % n.max(1)
     }
     pub fn chance(&mut self, pct: u64) -> bool {
-        self.below(100) < pct
+        !self.1 && self.below(100) < pct
     }
 }
 
@@ -631,9 +660,15 @@ fn packet(
 fn step(r: &mut Rng, flows: &mut [Flow]) -> (bool, Vec<u8>, u32) {
     let i = r.below(flows.len() as u64) as usize;
     let mut f = flows[i];
-    let data: Vec<u8> = (0..r.below(100))
+    let mut data: Vec<u8> = (0..r.below(100))
         .map(|_| (r.next_u64() >> 56) as u8)
         .collect();
+    // Often an EHLO in any case (PIPECONNECT), now and then one a byte short.
+    if r.chance(50) {
+        let verb: &[u8] =
+            [&b"EHLO "[..], b"ehlo ", b"EhLo ", b"EHLO", b"HELO "][r.below(5) as usize];
+        data.splice(0..0, verb.iter().copied());
+    }
     let out = match r.below(12) {
         0 => {
             // New connection: fresh ISNs; sometimes data in the SYN.
@@ -667,15 +702,17 @@ fn step(r: &mut Rng, flows: &mut [Flow]) -> (bool, Vec<u8>, u32) {
             )
         }
         5 | 6 => {
-            // Server payload: the greeting, then more.
+            // Server payload: the greeting, then more; sometimes with the
+            // server's FIN in the same segment.
             let g = b"220 mx ESMTP\r\n";
+            let flags = if r.chance(20) { 0x19 } else { 0x18 };
             (
                 false,
                 packet(
                     r,
                     &f,
                     false,
-                    0x18,
+                    flags,
                     f.sseq.wrapping_add(1),
                     f.cseq.wrapping_add(1),
                     g,
@@ -744,21 +781,24 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    pub fn load(object: &[u8], wait_zero: bool, enforce: bool) -> Result<Self> {
+    pub fn load(object: &[u8], wait_zero: bool, enforce: bool, pass: bool) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("CONNS", 4096)
             .map_max_entries("HANDSHAKES", 4096)
             .load(object)
             .context("loading the object")?;
-        let flags = if enforce {
+        let mut flags = if enforce {
             CFG_ENFORCE
         } else {
             CFG_TRACK_EARLY
         };
+        if pass {
+            flags |= CFG_PIPECONNECT;
+        }
         let cfg = Config {
             wait_ns: if wait_zero { 0 } else { u64::MAX / 4 },
             flags,
-            pass_ttl_ns: 0,
+            pass_ttl_ns: if pass { u64::MAX / 4 } else { 0 },
         };
         let mut c: Array<_, Config> = Array::try_from(ebpf.map_mut("CONFIG").context("CONFIG")?)?;
         c.set(0, cfg, 0)?;
@@ -851,20 +891,62 @@ pub struct Coverage {
     pub early_events: u64,
     pub verdict_events: u64,
     pub closed_events: u64,
+    /// Early events allowed as PIPECONNECT.
+    pub pipeconnect: u64,
 }
 
-/// Runs `cases` random packets per configuration (4 of them) from `seed`.
+/// A client that passes, then comes back opening with EHLO: with the pass cache
+/// on and no hold, the PIPECONNECT path, reached at the start of each run
+/// rather than left to chance. Well-formed packets, compared like the others.
+fn pipeconnect_script(r: &mut Rng, f: &mut Flow) -> Vec<(bool, Vec<u8>, u32)> {
+    let mut q = Rng::quiet();
+    let mut out = Vec::new();
+    for again in [false, true] {
+        f.cseq = r.next_u64() as u32;
+        f.sseq = r.next_u64() as u32;
+        let (c1, s1) = (f.cseq.wrapping_add(1), f.sseq.wrapping_add(1));
+        out.push((true, packet(&mut q, f, true, 0x02, f.cseq, 0, &[]), 0));
+        out.push((false, packet(&mut q, f, false, 0x12, f.sseq, c1, &[]), 0));
+        if again {
+            // The handshake's ACK carries the EHLO, as Exim's does.
+            out.push((
+                true,
+                packet(&mut q, f, true, 0x18, c1, s1, b"EHLO pipe.example\r\n"),
+                0,
+            ));
+        } else {
+            out.push((true, packet(&mut q, f, true, 0x10, c1, s1, &[]), 0));
+            out.push((
+                false,
+                packet(&mut q, f, false, 0x18, s1, c1, b"220 mx ESMTP\r\n"),
+                0,
+            ));
+            out.push((true, packet(&mut q, f, true, 0x04, c1, 0, &[]), 0));
+        }
+    }
+    out
+}
+
+/// The configurations each run goes through: hold or not, enforce or not,
+/// pass cache (and PIPECONNECT) or not.
+pub const CONFIGS: u64 = 8;
+
+/// Runs `cases` random packets per configuration (`CONFIGS` of them) from `seed`.
 /// Fails at the first disagreement, naming the seed, the step and the packet.
 pub fn differential(object: &[u8], seed: u64, cases: u64) -> Result<Coverage> {
     let mut cov = Coverage::default();
-    for (wait_zero, enforce) in [(true, false), (false, false), (true, true), (false, true)] {
-        let mut k = Kernel::load(object, wait_zero, enforce)?;
+    let configs = (0..CONFIGS).map(|i| (i & 1 != 0, i & 2 != 0, i & 4 != 0));
+    for (wait_zero, enforce, pass) in configs {
+        let mut k = Kernel::load(object, wait_zero, enforce, pass)?;
         let mut m = Model {
             wait_zero,
             enforce,
+            pass,
             ..Default::default()
         };
-        let mut r = Rng::new(seed ^ (u64::from(wait_zero) << 1 | u64::from(enforce)));
+        let mut r = Rng::new(
+            seed ^ (u64::from(pass) << 2 | u64::from(wait_zero) << 1 | u64::from(enforce)),
+        );
         let mut flows: Vec<Flow> = (0..4)
             .map(|i| Flow {
                 v6: i % 2 == 1,
@@ -873,8 +955,17 @@ pub fn differential(object: &[u8], seed: u64, cases: u64) -> Result<Coverage> {
                 sseq: 5000,
             })
             .collect();
+        let mut script = if pass {
+            pipeconnect_script(&mut r, &mut flows[0])
+        } else {
+            Vec::new()
+        };
+        script.reverse();
         for n in 0..cases {
-            let (ingress, pkt, mark) = step(&mut r, &mut flows);
+            let (ingress, pkt, mark) = match script.pop() {
+                Some(scripted) => scripted,
+                None => step(&mut r, &mut flows),
+            };
             let got = k.run(ingress, &pkt, mark)?;
             let want = if ingress {
                 m.ingress(&pkt)
@@ -891,7 +982,7 @@ pub fn differential(object: &[u8], seed: u64, cases: u64) -> Result<Coverage> {
             };
             let ctx = || {
                 format!(
-                    "seed {seed} wait_zero={wait_zero} enforce={enforce} step {n} {} mark {mark:#x} packet {:02x?}",
+                    "seed {seed} wait_zero={wait_zero} enforce={enforce} pass={pass} step {n} {} mark {mark:#x} packet {:02x?}",
                     if ingress { "ingress" } else { "egress" },
                     pkt
                 )
@@ -904,6 +995,10 @@ pub fn differential(object: &[u8], seed: u64, cases: u64) -> Result<Coverage> {
             cov.dropped += u64::from(got == SHOT);
             for e in &ev {
                 match e.kind {
+                    EV_EARLY if e.conn.flags & F_PIPECONNECT != 0 => {
+                        cov.early_events += 1;
+                        cov.pipeconnect += 1;
+                    }
                     EV_EARLY => cov.early_events += 1,
                     EV_VERDICT => cov.verdict_events += 1,
                     _ => cov.closed_events += 1,

@@ -16,15 +16,19 @@ fn f1_kernel_programs_agree_with_the_model() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
+    let mut pipeconnect = 0;
     for seed in [1, varying] {
         let c = fuzz::differential(object, seed, 1500).unwrap_or_else(|e| panic!("{e:#}"));
         eprintln!("seed {seed}: kernel and model agree: {c:?}");
-        assert_eq!(c.compared + c.refused, 6000);
-        assert!(c.refused < 600, "{c:?}");
+        assert_eq!(c.compared + c.refused, 1500 * fuzz::CONFIGS);
+        assert!(c.refused < 150 * fuzz::CONFIGS, "{c:?}");
         // The run reached every kind of outcome, not just the parse failures.
         assert!(
             c.dropped > 0 && c.early_events > 0 && c.verdict_events > 0 && c.closed_events > 0,
             "{c:?}"
         );
+        pipeconnect += c.pipeconnect;
     }
+    // A client that passed, back with an EHLO first: rarer, so over both seeds.
+    assert!(pipeconnect > 0, "no PIPECONNECT case was reached");
 }

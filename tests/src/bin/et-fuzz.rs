@@ -25,7 +25,9 @@ fn main() {
     let object = earlytalker_tests::kernel_object();
     // Rounds of 10,000 packets per configuration, each with its own seed.
     let per = 10_000u64;
-    let rounds = count.div_ceil(per * 4).max(1);
+    let rounds = count
+        .div_ceil(per * earlytalker_tests::fuzz::CONFIGS)
+        .max(1);
     let t = std::time::Instant::now();
     let mut total = 0;
     for k in 0..rounds {
