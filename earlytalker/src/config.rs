@@ -82,6 +82,17 @@ impl fmt::Display for Taken {
     }
 }
 
+/// What to make of an early EHLO from a client that passed before (Exim's
+/// early pipelining, PIPECONNECT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pipeconnect {
+    /// Log it as PIPECONNECT and let it through.
+    Known,
+    /// Judge it as any early talker.
+    Deny,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -158,6 +169,12 @@ pub struct RunArgs {
     /// deny/denysoft code (ask through --policy-* or --milter-*)
     #[arg(long)]
     pub defer_reject: bool,
+
+    /// An early EHLO from a client that passed before (Exim's PIPECONNECT):
+    /// known = log and let it through, deny = an early talker like any other
+    /// [default: known if the MTA advertises PIPECONNECT, else deny]
+    #[arg(long, value_enum)]
+    pub pipeconnect: Option<Pipeconnect>,
 
     /// Format of the verdict lines on stdout [default: text]
     #[arg(long, value_enum)]
@@ -245,6 +262,7 @@ pub struct FileConfig {
     pub wait: Option<f64>,
     pub action: Option<Action>,
     pub defer_reject: Option<bool>,
+    pub pipeconnect: Option<Pipeconnect>,
     pub log_format: Option<LogFormat>,
     pub allow: Option<Vec<String>>,
     pub pass_ttl: Option<TtlValue>,
@@ -364,6 +382,8 @@ pub struct Live {
     pub defer_reject: bool,
     pub allow: Vec<IpNet>,
     pub pass_ttl: Duration,
+    /// None: decided by what the MTA advertises.
+    pub pipeconnect: Option<Pipeconnect>,
 }
 
 /// What is bound at start-up (interfaces attached, maps sized, sockets bound,
@@ -527,6 +547,7 @@ impl Settings {
                 defer_reject: cli.defer_reject || f.defer_reject.unwrap_or(false),
                 allow,
                 pass_ttl,
+                pipeconnect: cli.pipeconnect.or(f.pipeconnect),
             },
             fixed: Fixed {
                 config: cli.config.clone(),
@@ -587,6 +608,16 @@ impl Live {
     /// What is done to an early talker, as logged.
     pub fn taken(&self) -> Taken {
         Taken::of(self.action, self.defer_reject)
+    }
+
+    /// Whether PIPECONNECT is let through, given whether the MTA advertises it
+    /// (None: not known yet, e.g. the MTA is not up).
+    pub fn pipeconnect_allowed(&self, advertised: Option<bool>) -> bool {
+        match self.pipeconnect {
+            Some(Pipeconnect::Known) => true,
+            Some(Pipeconnect::Deny) => false,
+            None => advertised == Some(true),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use crate::{
     output::{self, Out},
     passcache,
     pipeline::Pipeline,
-    policy, privs, status,
+    policy, privs, probe, status,
     store::Store,
 };
 use anyhow::{Context, Result};
@@ -35,6 +35,8 @@ const SAVE_EVERY: Duration = Duration::from_secs(600);
 /// Records the kernel submits without a wakeup wait at most this long.
 const POLL_EVERY: Duration = Duration::from_millis(50);
 const TICK_EVERY: Duration = Duration::from_millis(500);
+/// How often the MTA is asked again whether it advertises PIPECONNECT.
+const PROBE_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the agent could not start. Each maps to exit status 2 with one line, in
 /// `main`; whatever was attached is detached as the partial state drops.
@@ -84,7 +86,14 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
     if settings.live.enforce() {
         enforcer.probe_destroy().map_err(StartError::Kernel)?;
     }
-    let guard = Guard::load(&settings.fixed, &settings.live).map_err(StartError::Attach)?;
+    // Asked before anything is attached, so the probe is never held.
+    let advertised = probe::any_advertises(&settings.live.ports);
+    let guard = Guard::load(
+        &settings.fixed,
+        &settings.live,
+        settings.live.pipeconnect_allowed(advertised),
+    )
+    .map_err(StartError::Attach)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,7 +123,10 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         grace,
         settings.fixed.max_connections as usize,
     );
+    let prober = Prober::start(settings.live.ports.clone(), advertised);
     let daemon = Daemon {
+        prober,
+        advertised,
         guard,
         features,
         pipeline,
@@ -172,6 +184,10 @@ fn monotonic_ns() -> u64 {
 }
 
 struct Daemon {
+    /// Asks the MTA about PIPECONNECT now and then, off the event loop.
+    prober: Prober,
+    /// What the MTA last said (None: it could not be asked).
+    advertised: Option<bool>,
     guard: Guard,
     features: Features,
     pipeline: Pipeline,
@@ -245,7 +261,7 @@ impl Daemon {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.refresh(true, true);
-        self.out.started(&self.s, &self.features);
+        self.out.started(&self.s, &self.features, self.advertised);
         log::info!(
             "watching {} on port(s) {:?}; greeting held {} s (this kernel allows up to {} s)",
             self.s.fixed.ifaces.join(", "),
@@ -267,6 +283,7 @@ impl Daemon {
     /// the status snapshot, lost records, and the periodic pass-cache save.
     fn on_tick(&mut self) {
         self.ticks += 1;
+        self.on_probe();
         let guard = &self.guard;
         self.pipeline.sweep(monotonic_ns(), |k| guard.lookup(k));
         self.out.flush();
@@ -301,7 +318,8 @@ impl Daemon {
                     e.probe_destroy()?;
                 }
             }
-            self.guard.configure(&new.live)?;
+            self.guard
+                .configure(&new.live, new.live.pipeconnect_allowed(self.advertised))?;
             Ok(new)
         });
         match res {
@@ -315,14 +333,37 @@ impl Daemon {
                 }
                 self.s.live = new.live;
                 self.pipeline.set_policy(&self.s.live);
-                self.out.reloaded(&self.s, &ignored, None);
+                self.prober.ask(self.s.live.ports.clone());
+                self.out.reloaded(&self.s, self.advertised, &ignored, None);
                 self.save_passes();
             }
             Err(e) => {
                 log::error!("reload refused, the old configuration stays: {e:#}");
-                self.out.reloaded(&self.s, &[], Some(&format!("{e:#}")));
+                self.out
+                    .reloaded(&self.s, self.advertised, &[], Some(&format!("{e:#}")));
             }
         }
+    }
+
+    /// The prober's latest answer: when it differs, the kernel's allowance
+    /// follows and the change is logged.
+    fn on_probe(&mut self) {
+        let now = self.prober.latest();
+        if now == self.advertised {
+            return;
+        }
+        let (before, after) = (
+            self.s.live.pipeconnect_allowed(self.advertised),
+            self.s.live.pipeconnect_allowed(now),
+        );
+        self.advertised = now;
+        if before != after {
+            if let Err(e) = self.guard.configure(&self.s.live, after) {
+                log::error!("PIPECONNECT change not applied: {e:#}");
+                return;
+            }
+        }
+        self.out.pipeconnect(&self.s, now);
     }
 
     fn on_stop(self) {
@@ -372,7 +413,7 @@ impl Daemon {
         let mut snap = self.snap.lock().expect("snapshot lock");
         snap.counters = counters;
         snap.by_action = by_action;
-        snap.config = output::config_json(&self.s);
+        snap.config = output::config_json(&self.s, self.advertised);
         snap.allow = self.s.live.allow.len() as u64;
         snap.conns_capacity = u64::from(self.s.fixed.max_connections);
         snap.passed_capacity = u64::from(DEFAULT_MAX_PASSED);
@@ -437,5 +478,48 @@ impl Daemon {
             }
             Err(e) => log::warn!("pass cache not restored: {e:#}"),
         }
+    }
+}
+
+/// A thread that asks the MTA whether it advertises PIPECONNECT every
+/// PROBE_EVERY, or at once when given new ports (a reload). It ends when the
+/// daemon drops it.
+struct Prober {
+    ports: std::sync::mpsc::Sender<Vec<u16>>,
+    latest: Arc<Mutex<Option<bool>>>,
+}
+
+impl Prober {
+    fn start(ports: Vec<u16>, first: Option<bool>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u16>>();
+        let latest = Arc::new(Mutex::new(first));
+        let out = latest.clone();
+        let spawned = std::thread::Builder::new()
+            .name("probe".into())
+            .spawn(move || {
+                let mut ports = ports;
+                loop {
+                    match rx.recv_timeout(PROBE_EVERY) {
+                        Ok(p) => ports = p,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    let answer = probe::any_advertises(&ports);
+                    *out.lock().expect("probe lock") = answer;
+                }
+            });
+        if let Err(e) = spawned {
+            // The start-up answer stays in force.
+            log::warn!("PIPECONNECT will not be re-checked: {e}");
+        }
+        Prober { ports: tx, latest }
+    }
+
+    fn ask(&self, ports: Vec<u16>) {
+        let _ = self.ports.send(ports);
+    }
+
+    fn latest(&self) -> Option<bool> {
+        *self.latest.lock().expect("probe lock")
     }
 }

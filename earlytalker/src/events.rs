@@ -18,6 +18,9 @@ pub enum Kind {
     Pass,
     /// The connection ended before any greeting and the client said nothing.
     Hangup,
+    /// Talked first, but as Exim's early pipelining does: a client that passed
+    /// before, opening with EHLO, while PIPECONNECT is allowed.
+    Pipeconnect,
 }
 
 /// How the connection's pre-greeting phase ended.
@@ -89,6 +92,7 @@ fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
 pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: Taken) -> Verdict {
     let early = conn.has(ConnFlags::EARLY);
     let kind = match (early, end) {
+        (true, _) if conn.has(ConnFlags::PIPECONNECT) => Kind::Pipeconnect,
         (true, _) => Kind::EarlyTalker,
         (false, End::Greeting) => Kind::Pass,
         (false, _) => Kind::Hangup,

@@ -27,5 +27,6 @@ pub mod passcache;
 pub mod pipeline;
 pub mod policy;
 pub mod privs;
+pub mod probe;
 pub mod status;
 pub mod store;

@@ -82,13 +82,18 @@ pub fn ports_bitmap(ports: &[u16]) -> Vec<u64> {
     words
 }
 
-pub fn config_for(s: &Live) -> Config {
-    let flags = if s.enforce() {
+/// The kernel's configuration for these settings; `pipeconnect` says whether
+/// PIPECONNECT is let through (see `Live::pipeconnect_allowed`).
+pub fn config_for(s: &Live, pipeconnect: bool) -> Config {
+    let mut flags = if s.enforce() {
         CfgFlags::ENFORCE
     } else {
         // The verdict store needs to hear when an early talker's connection ends.
         CfgFlags::TRACK_EARLY
     };
+    if pipeconnect {
+        flags |= CfgFlags::PIPECONNECT;
+    }
     Config {
         wait_ns: u64::try_from(s.wait.as_nanos()).unwrap_or(u64::MAX),
         flags: flags.bits(),
@@ -116,7 +121,7 @@ pub fn allow_key(net: &IpNet) -> (u32, [u8; 16]) {
 }
 
 impl Guard {
-    pub fn load(fixed: &Fixed, live: &Live) -> Result<Self> {
+    pub fn load(fixed: &Fixed, live: &Live, pipeconnect: bool) -> Result<Self> {
         let s = fixed;
         for name in &s.ifaces {
             nix::net::if_::if_nametoindex(name.as_str())
@@ -142,19 +147,20 @@ impl Guard {
             logger,
             links: Vec::new(),
         };
-        guard.configure(live)?;
+        guard.configure(live, pipeconnect)?;
         guard.attach(&fixed.ifaces)?;
         Ok(guard)
     }
 
     /// Writes the run-time settings into the CONFIG and PORTS maps.
-    pub fn configure(&mut self, s: &Live) -> Result<()> {
+    pub fn configure(&mut self, s: &Live, pipeconnect: bool) -> Result<()> {
         let mut cfg: Array<_, Config> = Array::try_from(
             self.ebpf
                 .map_mut(MAP_CONFIG)
                 .context("CONFIG map missing")?,
         )?;
-        cfg.set(0, config_for(s), 0).context("writing CONFIG")?;
+        cfg.set(0, config_for(s, pipeconnect), 0)
+            .context("writing CONFIG")?;
         let mut ports: Array<_, u64> =
             Array::try_from(self.ebpf.map_mut(MAP_PORTS).context("PORTS map missing")?)?;
         for (i, w) in ports_bitmap(&s.ports).into_iter().enumerate() {

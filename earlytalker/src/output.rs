@@ -85,6 +85,14 @@ pub fn write_text(line: &mut String, v: &Verdict) {
             }
             write!(line, ": {}", escape(&v.payload))
         }
+        Kind::Pipeconnect => write!(
+            line,
+            "PIPECONNECT {} after {} from {from} to {to} greeting after {}: {}",
+            v.bytes,
+            Secs(v.after_ms.unwrap_or(0.0)),
+            Secs(v.greeting_after_ms.unwrap_or(0.0)),
+            escape(&v.payload)
+        ),
         Kind::Pass => write!(
             line,
             "PASS greeting after {} from {from} to {to}",
@@ -112,6 +120,16 @@ pub fn json_value(v: &Verdict) -> Value {
             "end": v.end.as_str(),
             "syn_data": v.syn_data,
         }),
+        Kind::Pipeconnect => json!({
+            "event": "pipeconnect",
+            "client": v.client.to_string(),
+            "server": v.server.to_string(),
+            "bytes": v.bytes,
+            "after_ms": v.after_ms,
+            "payload": escape(&v.payload),
+            "greeting_after_ms": v.greeting_after_ms,
+            "end": v.end.as_str(),
+        }),
         Kind::Pass => json!({
             "event": "pass",
             "client": v.client.to_string(),
@@ -127,12 +145,29 @@ pub fn json_value(v: &Verdict) -> Value {
     }
 }
 
+fn yes_no(b: Option<bool>) -> &'static str {
+    match b {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    }
+}
+
+/// "allowed" or "off", as the start-up and change lines say it.
+fn pipeconnect_word(s: &Settings, advertised: Option<bool>) -> &'static str {
+    if s.live.pipeconnect_allowed(advertised) {
+        "allowed"
+    } else {
+        "off"
+    }
+}
+
 fn join_ports(p: &[u16]) -> String {
     p.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// The settings in force, as `status` and the start-up line show them.
-pub fn config_json(s: &Settings) -> Value {
+pub fn config_json(s: &Settings, advertised: Option<bool>) -> Value {
     json!({
         "interfaces": s.fixed.ifaces,
         "ports": s.live.ports,
@@ -142,6 +177,12 @@ pub fn config_json(s: &Settings) -> Value {
         "taken": s.live.taken().as_str(),
         "allow": s.live.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "pass_ttl": s.live.pass_ttl.as_secs(),
+        "pipeconnect": s.live.pipeconnect.map_or("auto", |p| match p {
+            crate::config::Pipeconnect::Known => "known",
+            crate::config::Pipeconnect::Deny => "deny",
+        }),
+        "pipeconnect_advertised": advertised,
+        "pipeconnect_allowed": s.live.pipeconnect_allowed(advertised),
         "state_dir": s.fixed.state_dir,
         "max_connections": s.fixed.max_connections,
         "event_buffer": s.fixed.event_buffer,
@@ -218,22 +259,24 @@ impl Out {
     }
 
     /// One start-up line: settings in force, kernel features found, limits.
-    pub fn started(&self, s: &Settings, f: &Features) {
+    pub fn started(&self, s: &Settings, f: &Features, advertised: Option<bool>) {
         let text = format!(
-            "STARTED interfaces={} ports={} wait={}s action={} allow={} pass_ttl={}s kernel={} tcx=yes btf={} sock_destroy={} max_wait={}s (tcp_retries2={})",
+            "STARTED interfaces={} ports={} wait={}s action={} allow={} pass_ttl={}s pipeconnect={} (MTA advertises it: {}) kernel={} tcx=yes btf={} sock_destroy={} max_wait={}s (tcp_retries2={})",
             s.fixed.ifaces.join(","),
             join_ports(&s.live.ports),
             secs(s.live.wait),
             s.live.taken(),
             s.live.allow.len(),
             s.live.pass_ttl.as_secs(),
+            pipeconnect_word(s, advertised),
+            yes_no(advertised),
             f.kernel,
             if f.btf { "yes" } else { "no" },
             if s.live.enforce() { "yes" } else { "unused" },
             secs(f.max_wait),
             f.tcp_retries2,
         );
-        let mut json = config_json(s);
+        let mut json = config_json(s, advertised);
         json["event"] = "started".into();
         json["version"] = env!("CARGO_PKG_VERSION").into();
         json["kernel"] = f.kernel.clone().into();
@@ -249,7 +292,13 @@ impl Out {
 
     /// A SIGHUP reload: applied (naming the restart-only settings it could not
     /// change), or refused with the reason.
-    pub fn reloaded(&self, s: &Settings, ignored: &[String], refused: Option<&str>) {
+    pub fn reloaded(
+        &self,
+        s: &Settings,
+        advertised: Option<bool>,
+        ignored: &[String],
+        refused: Option<&str>,
+    ) {
         let (mut text, mut json) = match refused {
             None => (
                 format!(
@@ -260,7 +309,7 @@ impl Out {
                     s.live.pass_ttl.as_secs(),
                     join_ports(&s.live.ports)
                 ),
-                config_json(s),
+                config_json(s, advertised),
             ),
             Some(why) => (format!("RELOAD-REFUSED {why}"), json!({"error": why})),
         };
@@ -274,6 +323,22 @@ impl Out {
             "reload_refused"
         }
         .into();
+        self.emit(text, json);
+    }
+
+    /// The MTA's PIPECONNECT offer changed (or became known), and with it
+    /// whether early EHLOs from clients that passed are let through.
+    pub fn pipeconnect(&self, s: &Settings, advertised: Option<bool>) {
+        let text = format!(
+            "PIPECONNECT-CHANGED MTA advertises it: {}; pipeconnect={}",
+            yes_no(advertised),
+            pipeconnect_word(s, advertised)
+        );
+        let json = json!({
+            "event": "pipeconnect_changed",
+            "pipeconnect_advertised": advertised,
+            "pipeconnect_allowed": s.live.pipeconnect_allowed(advertised),
+        });
         self.emit(text, json);
     }
 

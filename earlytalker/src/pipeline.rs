@@ -107,6 +107,8 @@ impl Pipeline {
             r.conn.flag_set()
         );
         match r.kind {
+            // Let through: nothing for the MTA to refuse.
+            EventKind::Early if r.conn.has(ConnFlags::PIPECONNECT) => {}
             EventKind::Early => {
                 self.store.lock().expect("store lock").insert(
                     client,
@@ -207,6 +209,7 @@ mod tests {
                 defer_reject: true,
                 allow: Vec::new(),
                 pass_ttl: std::time::Duration::ZERO,
+                pipeconnect: None,
             },
             5_000_000_000,
             16,

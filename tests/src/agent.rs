@@ -168,7 +168,7 @@ impl Agent {
         self.wait_for(timeout, |v| {
             matches!(
                 v["event"].as_str(),
-                Some("early_talker" | "pass" | "hangup")
+                Some("early_talker" | "pass" | "hangup" | "pipeconnect")
             ) && v["client"].as_str().is_some_and(|c| c.ends_with(&suffix))
         })
     }

@@ -101,7 +101,33 @@ pub struct BotRun {
 }
 
 pub fn bot_read_all(server: SocketAddr, data: &[u8], fin: bool) -> Result<BotRun> {
-    let mut c = connect(server)?;
+    bot_from(None, server, data, fin)
+}
+
+/// `bot_read_all` from the source address `from` (one of the client's).
+pub fn bot_from(
+    from: Option<std::net::IpAddr>,
+    server: SocketAddr,
+    data: &[u8],
+    fin: bool,
+) -> Result<BotRun> {
+    let mut c = match from {
+        None => connect(server)?,
+        Some(ip) => {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(server),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.bind(&SocketAddr::new(ip, 0).into())?;
+            s.connect_timeout(&server.into(), Duration::from_secs(5))
+                .with_context(|| format!("connect {server} from {ip}"))?;
+            let c: TcpStream = s.into();
+            c.set_read_timeout(Some(Duration::from_secs(15)))?;
+            c.set_nodelay(true)?;
+            c
+        }
+    };
     let t0 = Instant::now();
     let local_port = c.local_addr()?.port();
     c.write_all(data)?;

@@ -141,6 +141,22 @@ impl Lab {
         spawn_in(&self.client_ns, f)
     }
 
+    /// Gives the client's veth another IPv4 address (/24, as its first).
+    pub fn add_client_address(&self, ip: &str) -> Result<()> {
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.client_ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                &self.client_if,
+            ],
+        )
+    }
+
     /// A scratch directory of this lab's, removed with it.
     pub fn dir(&self) -> PathBuf {
         PathBuf::from(format!("/tmp/et-lab-{}", self.server_ns))
