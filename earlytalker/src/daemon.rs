@@ -356,13 +356,14 @@ impl Daemon {
             self.s.live.pipeconnect_allowed(self.advertised),
             self.s.live.pipeconnect_allowed(now),
         );
-        self.advertised = now;
         if before != after {
             if let Err(e) = self.guard.configure(&self.s.live, after) {
+                // Tried again at the next tick: the answer still differs.
                 log::error!("PIPECONNECT change not applied: {e:#}");
                 return;
             }
         }
+        self.advertised = now;
         self.out.pipeconnect(&self.s, now);
     }
 

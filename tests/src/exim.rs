@@ -28,7 +28,8 @@ pub struct Exim {
 
 impl Exim {
     /// A server behind the agent. `rcpt_acl` goes first in the RCPT ACL (may be
-    /// empty); `main` is added to the main section.
+    /// empty); `main` is added to the main section (`GREET_DELAY = 1s`
+    /// there delays the greeting).
     pub fn start(lab: &Lab, rcpt_acl: &str, main: &str) -> Result<Self> {
         Self::start_on(lab, Side::Server, rcpt_acl, main, "")
     }
@@ -89,13 +90,21 @@ log_selector = +incoming_port +smtp_connection
 daemon_smtp_ports = 25
 local_interfaces = {interfaces}
 domainlist relay_to_domains = lab.example
+acl_smtp_connect = acl_check_connect
 acl_smtp_rcpt = acl_check_rcpt
 rfc1413_hosts =
 tls_advertise_hosts =
 keep_environment =
 {main}
+# How long the greeting waits after accept (`main` may set it first).
+.ifndef GREET_DELAY
+GREET_DELAY = 0s
+.endif
 
 begin acl
+acl_check_connect:
+  accept delay = GREET_DELAY
+
 acl_check_rcpt:
 {rcpt_acl}
   accept domains = +relay_to_domains

@@ -75,16 +75,29 @@ impl Postfix {
     /// smtpd_recipient_restrictions, `milters` into smtpd_milters (either may
     /// be empty).
     pub fn start(lab: &Lab, restrictions: &str, milters: &str) -> Result<Self> {
-        Self::start_on(lab, Side::Server, restrictions, milters)
+        Self::start_on(lab, Side::Server, restrictions, milters, "")
+    }
+
+    /// A server that greets `secs` seconds after accepting, with Postfix's own
+    /// pregreet trick (a client restriction that sleeps, evaluated at connect).
+    pub fn start_greeting_after(lab: &Lab, secs: u32) -> Result<Self> {
+        let main = format!("smtpd_delay_reject = no\nsmtpd_client_restrictions = sleep {secs}\n");
+        Self::start_on(lab, Side::Server, "", "", &main)
     }
 
     /// A sending Postfix in the client namespace: it accepts on its loopback
     /// and relays lab.example to the server with its smtp(8) client.
     pub fn client(lab: &Lab) -> Result<Self> {
-        Self::start_on(lab, Side::Client, "", "")
+        Self::start_on(lab, Side::Client, "", "", "")
     }
 
-    fn start_on(lab: &Lab, side: Side, restrictions: &str, milters: &str) -> Result<Self> {
+    fn start_on(
+        lab: &Lab,
+        side: Side,
+        restrictions: &str,
+        milters: &str,
+        extra_main: &str,
+    ) -> Result<Self> {
         let dir = side.dir("postfix", lab);
         let _ = std::fs::remove_dir_all(&dir);
         let conf = dir.join("conf");
@@ -145,7 +158,7 @@ biff = no
 smtpd_banner = $myhostname ESMTP
 smtpd_recipient_restrictions = {restrictions} permit_mynetworks, reject_unauth_destination
 smtpd_milters = {milters}
-milter_default_action = accept
+{extra_main}milter_default_action = accept
 "
         );
         std::fs::write(conf.join("main.cf"), main_cf)?;

@@ -111,6 +111,15 @@ fn server(lab: &Lab) -> SocketAddr {
     SocketAddr::new(lab.server_addr(false), 25)
 }
 
+/// A bot's whole transaction, its EHLO sent before the greeting: its port and
+/// the MTA's replies.
+fn early_transaction(lab: &Lab) -> (u16, Vec<(u16, String)>) {
+    let s = server(lab);
+    join(lab.in_client(move || smtp_transaction(s, true, "bot@spam.example", "victim@lab.example")))
+        .unwrap()
+        .unwrap()
+}
+
 /// A polite message through swaks, delivered with its body intact.
 fn assert_polite_delivered<M: Mta>(lab: &Lab, mta: &M, already: usize) {
     let (ok, transcript) = swaks(lab, "polite@lab.example", &["--body", BODY]);
@@ -139,13 +148,7 @@ fn log_mode<M: Mta>(start: impl FnOnce(&Lab) -> M) {
     let mut agent = Agent::start(&lab, &["-a", "log", "-w", "1"]).unwrap();
     let mta = start(&lab);
     assert_polite_delivered(&lab, &mta, 0);
-    let s = server(&lab);
-    let (port, replies) =
-        join(lab.in_client(move || {
-            smtp_transaction(s, true, "bot@spam.example", "victim@lab.example")
-        }))
-        .unwrap()
-        .unwrap();
+    let (port, replies) = early_transaction(&lab);
     assert_eq!(replies[0].0, 220, "{replies:?}");
     let v = agent.verdict_for(port, Duration::from_secs(10)).unwrap();
     assert_eq!(v["event"], "early_talker", "{v}");
@@ -257,13 +260,7 @@ fn defer_reject_mode<M: Mta>(
     let mut agent = Agent::start(&lab, &args).unwrap();
     let mta = start(&lab);
     assert_polite_delivered(&lab, &mta, 0);
-    let s = server(&lab);
-    let (port, replies) =
-        join(lab.in_client(move || {
-            smtp_transaction(s, true, "bot@spam.example", "victim@lab.example")
-        }))
-        .unwrap()
-        .unwrap();
+    let (port, replies) = early_transaction(&lab);
     assert_eq!(replies[0].0, 220, "greeted as usual: {replies:?}");
     let last = replies.last().unwrap();
     assert_eq!(last.0 / 100, 5, "{replies:?}\n{}", mta.log());

@@ -275,6 +275,23 @@ mod tests {
         ));
     }
 
+    /// The guard itself, against apt's real answer: asked for Postfix, it
+    /// refuses before installing anything (apt only simulates). Needs root on
+    /// Debian with package lists; elsewhere there is nothing to guard.
+    #[test]
+    fn asked_for_an_mta_it_refuses_and_installs_nothing() {
+        if !nix::unistd::Uid::effective().is_root()
+            || !Path::new("/etc/debian_version").exists()
+            || installed("postfix")
+        {
+            return;
+        }
+        let e = apt_install(&["postfix".to_string()]).unwrap_err();
+        assert!(e.downcast_ref::<Refused>().is_some(), "{e:#}");
+        assert!(e.to_string().contains("postfix"), "{e}");
+        assert!(!installed("postfix"));
+    }
+
     #[test]
     fn no_command_names_an_mta_package() {
         for p in TEST_PACKAGES {
