@@ -151,15 +151,22 @@ bitflags::bitflags! {
     }
 }
 
-/// `EARLY | HELD`, as postscreen prints its state flags; unknown bits in hex.
-impl fmt::Display for ConnFlags {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_empty() {
-            return f.write_str("-");
+/// Prints flags as `EARLY | HELD`, the way postscreen prints its state flags;
+/// unknown bits in hex, none as `-`.
+macro_rules! print_flags {
+    ($t:ty) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                if self.is_empty() {
+                    return f.write_str("-");
+                }
+                bitflags::parser::to_writer(self, f)
+            }
         }
-        bitflags::parser::to_writer(self, f)
-    }
+    };
 }
+
+print_flags!(ConnFlags);
 
 /// Half-open connection: recorded when the server answers a SYN, so that a SYN
 /// flood only churns this map and never evicts established connections.
@@ -204,14 +211,7 @@ bitflags::bitflags! {
     }
 }
 
-impl fmt::Display for CfgFlags {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_empty() {
-            return f.write_str("-");
-        }
-        bitflags::parser::to_writer(self, f)
-    }
-}
+print_flags!(CfgFlags);
 
 /// Ring buffer record. `kind` and `reason` stay raw numbers here: the agent
 /// converts them with `EventKind::try_from` and `Reason::try_from`.

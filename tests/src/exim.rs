@@ -5,8 +5,9 @@
 
 use crate::{
     lab::Lab,
-    mta::{processes_with, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
-    postfix::mta_root,
+    mta::{
+        private_copy, processes_with, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK,
+    },
 };
 use anyhow::{bail, Context, Result};
 use std::{path::PathBuf, process::Child, time::Duration};
@@ -48,14 +49,7 @@ impl Exim {
         main: &str,
         transport: &str,
     ) -> Result<Self> {
-        let root = mta_root().join("exim");
-        let bin = root.join("usr/sbin/exim4");
-        if !bin.exists() {
-            bail!(
-                "no private Exim in {} (cargo xtask test unpacks it)",
-                root.display()
-            );
-        }
+        let (_, bin) = private_copy("exim", "usr/sbin/exim4")?;
         let dir = side.dir("exim", lab);
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["spool", "log"] {

@@ -44,6 +44,20 @@ impl Side {
     }
 }
 
+/// The private copy `cargo xtask test` unpacked into target/mta/`name`, and its
+/// program `bin` (a path inside it); an error saying so if it is missing.
+pub fn private_copy(name: &str, bin: &str) -> Result<(PathBuf, PathBuf)> {
+    let root = crate::postfix::mta_root().join(name);
+    let b = root.join(bin);
+    if !b.exists() {
+        bail!(
+            "no private {name} in {} (cargo xtask test unpacks it)",
+            root.display()
+        );
+    }
+    Ok((root, b))
+}
+
 /// Where every lab MTA relays its mail: Postfix's smtp-sink on the server
 /// namespace's loopback, one file per message.
 pub const SINK: &str = "127.0.0.1:2525";

@@ -7,10 +7,9 @@
 
 use crate::{
     lab::Lab,
-    mta::{stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
-    postfix::mta_root,
+    mta::{private_copy, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
 };
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::{path::PathBuf, process::Child, process::Stdio, time::Duration};
 
 /// Ids of its users in the private passwd (unused on Debian hosts).
@@ -27,14 +26,7 @@ impl Opensmtpd {
     /// `filter` is a smtpd.conf `filter` line's name and command (proc-exec),
     /// attached to the listener; None for none.
     pub fn start(lab: &Lab, filter: Option<&str>) -> Result<Self> {
-        let root = mta_root().join("opensmtpd");
-        let bin = root.join("usr/sbin/smtpd");
-        if !bin.exists() {
-            bail!(
-                "no private OpenSMTPD in {} (cargo xtask test unpacks it)",
-                root.display()
-            );
-        }
+        let (root, bin) = private_copy("opensmtpd", "usr/sbin/smtpd")?;
         let dir = PathBuf::from(format!("/tmp/et-opensmtpd-{}", lab.server_ns));
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["spool/smtpd", "lib/opensmtpd/empty", "run"] {

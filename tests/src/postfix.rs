@@ -105,13 +105,7 @@ impl Postfix {
             std::fs::create_dir_all(dir.join(d))?;
         }
         let d = dir.display();
-        let root = mta_root().join("postfix");
-        if !root.join("usr/sbin/postfix").exists() {
-            bail!(
-                "no private Postfix in {} (cargo xtask test unpacks it)",
-                root.display()
-            );
-        }
+        let (root, _) = crate::mta::private_copy("postfix", "usr/sbin/postfix")?;
         let p = root.display();
         // A sender must not share the server's name, or Postfix sees a loop.
         let (interfaces, relayhost, hostname) = match side {

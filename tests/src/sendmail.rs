@@ -8,8 +8,7 @@
 
 use crate::{
     lab::Lab,
-    mta::{children_of, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
-    postfix::mta_root,
+    mta::{children_of, private_copy, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
 };
 use anyhow::{bail, Context, Result};
 use std::{
@@ -34,14 +33,7 @@ pub struct Sendmail {
 impl Sendmail {
     /// `mc` is added to the m4 configuration (e.g. an INPUT_MAIL_FILTER).
     pub fn start(lab: &Lab, mc: &str) -> Result<Self> {
-        let root = mta_root().join("sendmail");
-        let bin = root.join("usr/libexec/sendmail/sendmail");
-        if !bin.exists() {
-            bail!(
-                "no private Sendmail in {} (cargo xtask test unpacks it)",
-                root.display()
-            );
-        }
+        let (root, bin) = private_copy("sendmail", "usr/libexec/sendmail/sendmail")?;
         let dir = PathBuf::from(format!("/tmp/et-sendmail-{}", lab.server_ns));
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["queue", "olddev"] {
