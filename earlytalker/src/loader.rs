@@ -122,16 +122,15 @@ pub fn allow_key(net: &IpNet) -> (u32, [u8; 16]) {
 
 impl Guard {
     pub fn load(fixed: &Fixed, live: &Live, pipeconnect: bool) -> Result<Self> {
-        let s = fixed;
-        for name in &s.ifaces {
+        for name in &fixed.ifaces {
             nix::net::if_::if_nametoindex(name.as_str())
                 .map_err(|_| anyhow::anyhow!("no such network interface: {name}"))?;
         }
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_CONNS, s.max_connections)
+            .map_max_entries(MAP_CONNS, fixed.max_connections)
             // One knob for both tables: half-open handshakes are bounded alike.
-            .map_max_entries(MAP_HANDSHAKES, s.max_connections)
-            .map_max_entries(MAP_EVENTS, s.event_buffer)
+            .map_max_entries(MAP_HANDSHAKES, fixed.max_connections)
+            .map_max_entries(MAP_EVENTS, fixed.event_buffer)
             .load(OBJECT)
             .context("loading the eBPF object failed")?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

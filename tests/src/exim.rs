@@ -5,9 +5,7 @@
 
 use crate::{
     lab::Lab,
-    mta::{
-        private_copy, processes_with, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK,
-    },
+    mta::{children_of, private_copy, stop_group, wait_listening, PrivateFiles, Side, Sink, SINK},
 };
 use anyhow::{bail, Context, Result};
 use std::{path::PathBuf, process::Child, time::Duration};
@@ -21,7 +19,6 @@ const MAIL_GID: u32 = 8;
 
 pub struct Exim {
     pub dir: PathBuf,
-    conf: PathBuf,
     daemon: Child,
     /// The server's sink; a client-side Exim relays to the server instead.
     pub sink: Option<Sink>,
@@ -142,12 +139,7 @@ begin retry
             .stderr(std::process::Stdio::null())
             .spawn()
             .context("starting exim")?;
-        let exim = Exim {
-            dir,
-            conf,
-            daemon,
-            sink,
-        };
+        let exim = Exim { dir, daemon, sink };
         wait_listening(lab, side, Duration::from_secs(20), || exim.log())?;
         Ok(exim)
     }
@@ -161,9 +153,9 @@ begin retry
             .join("")
     }
 
-    /// The daemon and the children it forked (one per connection).
+    /// The children the daemon forked: one per connection (and delivery).
     pub fn processes(&self) -> usize {
-        processes_with(&self.conf.display().to_string())
+        children_of(self.daemon.id())
     }
 }
 

@@ -264,26 +264,6 @@ pub fn wait_listening(
     }
 }
 
-/// Processes whose command line contains `needle` (an MTA's private config path
-/// names its daemon and every child it forks).
-pub fn processes_with(needle: &str) -> usize {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    rd.flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c)
-                        .replace('\0', " ")
-                        .contains(needle)
-                })
-                .unwrap_or(false)
-        })
-        .count()
-}
-
 /// Live processes whose parent is `pid`.
 pub fn children_of(pid: u32) -> usize {
     let Ok(rd) = std::fs::read_dir("/proc") else {

@@ -27,8 +27,7 @@ impl Mta for Exim {
         self.sink.as_ref().expect("a server")
     }
     fn processes(&self) -> Option<usize> {
-        // Less the daemon itself.
-        Some(Exim::processes(self).saturating_sub(1))
+        Some(Exim::processes(self))
     }
     fn aborted(log: &str, port: u16) -> bool {
         log.lines().any(|l| {
