@@ -63,13 +63,15 @@ pub struct ConnKey {
 }
 
 /// Tracked state of a connection until its greeting has left the server.
+/// While HELD, it also carries what the agent needs to forge the client's
+/// handshake-completing ACK at the release time (timestamps, window).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Conn {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the handshake completed
     /// (or when a SYN carrying data arrived).
     pub established_ns: u64,
-    /// Server payload is held (dropped, TCP retries) until this instant.
+    /// A HELD connection is released (its handshake completed) at this instant.
     pub release_ns: u64,
     /// When the first client payload byte arrived; 0 if none yet.
     pub first_ns: u64,
@@ -84,7 +86,16 @@ pub struct Conn {
     /// `ConnFlags` bits; a plain u32 because the kernel sets them with atomic ORs.
     pub flags: u32,
     pub payload_len: u32,
-    pub pad: u32,
+    /// TSval of the server's first SYN-ACK (0 without timestamps): a SYN
+    /// cookie's low six bits encode the options the server agreed to.
+    pub synack_ts: u32,
+    /// The client's latest TSval while held (valid with CLIENT_TS).
+    pub client_ts: u32,
+    /// The client's latest advertised window while held, as sent (scaled).
+    pub client_win: u16,
+    /// SYN-ACKs the server has sent so far (retransmissions included).
+    pub synacks: u16,
+    pub pad: u64,
     pub payload: [u8; PAYLOAD_MAX],
 }
 
@@ -118,17 +129,20 @@ impl Conn {
 }
 
 bitflags::bitflags! {
-    /// State of a tracked connection. EARLY, SYN_DATA, HELD, CLIENT_FIN and
-    /// PASS_CACHED describe what happened before the greeting; DENY and GREETED
+    /// State of a tracked connection. EARLY, SYN_DATA, HELD, COOKIE, CLIENT_TS,
+    /// OPENED, CLIENT_FIN and PASS_CACHED describe what happened before the greeting; DENY and GREETED
     /// mark the two settled states (only one of them is ever set); REPORTED and
     /// CLOSED are claims that make the verdict and the close one record each.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct ConnFlags: u32 {
         /// Client sent payload before the greeting was released.
         const EARLY = 1 << 0;
-        /// The payload arrived in the SYN itself (TCP Fast Open).
+        /// The payload arrived in the SYN itself (TCP Fast Open): an early
+        /// talker, tracked from its SYN and never held.
         const SYN_DATA = 1 << 1;
-        /// At least one greeting segment was held back.
+        /// Held before the MTA accepted: the handshake's last ACK was withheld,
+        /// so the server keeps a request socket (or a cookie) the MTA cannot
+        /// accept until the agent releases it at `release_ns`.
         const HELD = 1 << 2;
         /// The client sent FIN before the greeting.
         const CLIENT_FIN = 1 << 3;
@@ -148,6 +162,15 @@ bitflags::bitflags! {
         /// first bytes are an EHLO, as Exim's early pipelining (PIPECONNECT)
         /// sends, while CfgFlags::PIPECONNECT is set. Never denied.
         const PIPECONNECT = 1 << 9;
+        /// The client sends TCP timestamps (CLIENT_TS valid in `client_ts`).
+        const CLIENT_TS = 1 << 10;
+        /// A held connection's client segments reach the server again (its
+        /// data passed, or the release time came): the MTA has, or will have,
+        /// a socket for it.
+        const OPENED = 1 << 11;
+        /// The server answered with a SYN cookie: it keeps no request socket,
+        /// so nothing retransmits and nothing needs resetting while held.
+        const COOKIE = 1 << 12;
     }
 }
 
@@ -177,6 +200,12 @@ pub struct Handshake {
     pub server_isn: u32,
     /// The SYN-ACK's ack number: the client's first payload sequence number.
     pub client_base: u32,
+    /// TSval of the first SYN-ACK (0 without timestamps).
+    pub synack_ts: u32,
+    /// SYN-ACKs sent so far.
+    pub synacks: u16,
+    /// Whether the first SYN-ACK was a SYN cookie (no request socket).
+    pub cookie: u16,
 }
 
 /// Run-time settings, one entry; the agent may rewrite it while running.
@@ -273,6 +302,9 @@ raw_enum! {
         Verdict = 2,
         /// An early talker tracked after its greeting (TRACK_EARLY) has closed.
         Closed = 3,
+        /// A connection is held before the MTA accepted it: the agent completes
+        /// its handshake at `conn.release_ns`.
+        Held = 4,
     }
 }
 
@@ -297,13 +329,16 @@ const _: () = {
     assert!(size_of::<ConnKey>() == 40);
     assert!(offset_of!(ConnKey, client_port) == 32);
     assert!(offset_of!(ConnKey, pad) == 36);
-    assert!(size_of::<Conn>() == 48 + PAYLOAD_MAX);
+    assert!(size_of::<Conn>() == 64 + PAYLOAD_MAX);
     assert!(offset_of!(Conn, client_base) == 24);
     assert!(offset_of!(Conn, flags) == 36);
-    assert!(offset_of!(Conn, payload) == 48);
-    assert!(size_of::<Handshake>() == 8);
+    assert!(offset_of!(Conn, synack_ts) == 44);
+    assert!(offset_of!(Conn, client_win) == 52);
+    assert!(offset_of!(Conn, pad) == 56);
+    assert!(offset_of!(Conn, payload) == 64);
+    assert!(size_of::<Handshake>() == 16);
     assert!(size_of::<Config>() == 24);
-    assert!(size_of::<Event>() == 16 + 40 + 48 + PAYLOAD_MAX);
+    assert!(size_of::<Event>() == 16 + 40 + 64 + PAYLOAD_MAX);
     assert!(offset_of!(Event, key) == 16);
     assert!(offset_of!(Event, conn) == 56);
     // 8-byte alignment: ring-buffer records are 8-byte aligned.

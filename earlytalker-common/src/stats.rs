@@ -18,6 +18,7 @@ pub enum Stat {
     AllowHits = 10,
     PassCacheHits = 11,
     Pipeconnect = 12,
+    Held = 13,
 }
 
 pub struct StatInfo {
@@ -53,7 +54,7 @@ const fn s(stat: Stat, name: &'static str, help: &'static str, metric: bool) -> 
 }
 
 /// Indexed by `Stat`: entry i describes the counter at index i.
-pub const STATS: [StatInfo; 13] = [
+pub const STATS: [StatInfo; 14] = [
     s(
         Stat::Tracked,
         "connections_tracked",
@@ -74,8 +75,8 @@ pub const STATS: [StatInfo; 13] = [
     ),
     s(
         Stat::HoldDrops,
-        "greeting_segments_held",
-        "Greeting segments held back (each TCP retry counts)",
+        "held_segments_withheld",
+        "Client ACKs kept from the server while a connection was held",
         true,
     ),
     s(
@@ -99,7 +100,7 @@ pub const STATS: [StatInfo; 13] = [
     s(
         Stat::SynData,
         "syn_data",
-        "SYNs carrying data (TCP Fast Open)",
+        "SYNs carrying data (TCP Fast Open): early talkers",
         true,
     ),
     s(
@@ -130,6 +131,12 @@ pub const STATS: [StatInfo; 13] = [
         Stat::Pipeconnect,
         "pipeconnect_allowed",
         "Early EHLOs allowed as PIPECONNECT from clients that passed before",
+        true,
+    ),
+    s(
+        Stat::Held,
+        "held_before_accept",
+        "Connections held before the MTA could accept them",
         true,
     ),
 ];

@@ -1,19 +1,22 @@
 //! earlytalker's kernel side: two TC programs on each monitored interface.
 //!
-//! * ingress (client -> server): records the handshake's completion, the client's
-//!   payload before the greeting (bytes, time, first bytes) and emits an Early
-//!   event once;
-//! * egress (server -> client): remembers SYN-ACKs, holds the server's first payload
-//!   segment (TC_ACT_SHOT; TCP keeps it queued and retries) until `wait` after the
-//!   handshake, then releases it and emits the verdict.
+//! * egress (server -> client): remembers SYN-ACKs (and whether the server
+//!   answered with a SYN cookie), and reports the greeting or the end;
+//! * ingress (client -> server): withholds the handshake's last ACK for `wait`, so
+//!   the server keeps a request socket (or a cookie) that the MTA cannot accept;
+//!   every client ACK until the release is withheld too. The agent completes the
+//!   handshake at the release time with an ACK it forges from the client. Client
+//!   bytes before that are early talk: denied (dropped; the agent answers and
+//!   resets the request socket) or let through, which completes the handshake.
 //!
 //! Only TCP whose server port is in PORTS is looked at; everything else leaves after
-//! a few loads. No payload is parsed: at most the first 64 client bytes are copied.
+//! a few loads. No payload is parsed: at most the first 64 client bytes are copied,
+//! and the TCP options of SYNs, SYN-ACKs and held ACKs are read.
 //!
-//! Stages: `parse` (headers), `maps` (maps, counters, configuration), `conn` (a
-//! connection's life), `emit` (records for the agent); this file only dispatches
-//! each segment by direction and kind. Types and numbers shared with the agent
-//! come from earlytalker-common.
+//! Stages: `parse` (headers, options), `maps` (maps, counters, configuration),
+//! `conn` (a connection's life), `emit` (records for the agent); this file only
+//! dispatches each segment by direction and kind. Types and numbers shared with
+//! the agent come from earlytalker-common.
 #![no_std]
 #![no_main]
 // Atomic fetch-or on map values (BPF ISA v3); core exposes no atomic types here.
@@ -31,16 +34,23 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use aya_log_ebpf::debug;
 use conn::{apply_pass_cache, client_data, set_flags, settled, verdict};
-use earlytalker_common::{CfgFlags, Conn, ConnFlags, ConnKey, Handshake, Reason, Stat, REPLY_MARK};
+use earlytalker_common::{
+    CfgFlags, Config, Conn, ConnFlags, ConnKey, EventKind, Handshake, Reason, Stat, REPLY_MARK,
+};
+use emit::emit;
 use maps::{config, conn_mut, now, stat, CONNS, HANDSHAKES};
-use parse::{parse, Dir, Seg};
+use parse::{parse, Dir, Opts, Seg};
 
 /// "No opinion": TCX_NEXT. TC_ACT_OK would be TCX_PASS, which ends the TCX chain
 /// and silently skips every program attached after ours (a firewall, say).
 /// When no later program decides, the packet passes.
 pub const NEXT: i32 = TC_ACT_UNSPEC;
+
+/// After the release time, the client's bare ACKs are still withheld this long:
+/// the agent's release (re-sent for up to ~0.6 s if lost) completes the
+/// handshake; after that the client's own ACKs may (fail open).
+const RELEASE_GRACE_NS: u64 = 1_000_000_000;
 
 #[classifier]
 pub fn et_ingress(ctx: TcContext) -> i32 {
@@ -64,7 +74,9 @@ fn ingress(ctx: &TcContext) -> i32 {
     ingress_handshake_ack(ctx, &seg, &key)
 }
 
-/// A client's SYN: a new connection on this 4-tuple, or TCP Fast Open data.
+/// A client's SYN: a new connection on this 4-tuple, or TCP Fast Open data. A
+/// client whose SYN carries data talked before any greeting: an early talker.
+/// (TFO would also let the server accept it at once, past the hold.)
 #[inline(always)]
 fn ingress_syn(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     if seg.ack {
@@ -83,14 +95,15 @@ fn ingress_syn(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     }
     stat(Stat::SynData);
     let cfg = config();
-    let now_ns = now();
     if cfg.has(CfgFlags::ENFORCE) {
-        // TCP Fast Open under enforcement: drop the SYN so no byte reaches the
-        // MTA; the client falls back to a plain SYN and its data, once sent
+        // Under enforcement: drop the SYN so no byte reaches the MTA; the
+        // client falls back to a plain SYN, is held, and its data, sent again
         // after the handshake, is early like any other.
         return TC_ACT_SHOT;
     }
-    // The client talked in its very first packet.
+    let now_ns = now();
+    // Logged: the client talked in its very first packet; the MTA gets it as
+    // sent (at once if it accepts TFO), and it is never held.
     let Some(conn) = maps::scratch_conn(&cfg, now_ns, seg.seq.wrapping_add(1), 0) else {
         return NEXT;
     };
@@ -98,9 +111,7 @@ fn ingress_syn(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     client_data(ctx, seg, key, conn, &cfg, now_ns);
     // The SYN flag itself takes one sequence number before the data.
     conn.client_end = conn.client_base.wrapping_add(seg.payload_len);
-    if maps::track(key, conn) {
-        debug!(ctx, "syn with {} bytes of data", seg.payload_len);
-    }
+    let _ = maps::track(key, conn);
     NEXT
 }
 
@@ -113,8 +124,28 @@ fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -
     let now_ns = now();
     let cfg = config();
     if seg.rst {
+        // Let through: it ends the request socket too.
         let _ = verdict(key, conn, Reason::ClientRst, now_ns, &cfg);
         return NEXT;
+    }
+    if conn.has(ConnFlags::HELD) && !conn.has(ConnFlags::OPENED) {
+        if now_ns < conn.release_ns {
+            return ingress_held(ctx, seg, key, conn, &cfg, now_ns);
+        }
+        if seg.payload_len == 0
+            && !seg.fin
+            && now_ns < conn.release_ns.saturating_add(RELEASE_GRACE_NS)
+        {
+            // The agent's ACK completes the handshake. A client ACK now (its
+            // answer to the SYN-ACK the release provokes) would complete it
+            // first and echo the first SYN-ACK's timestamp, seeding the
+            // socket's RTT with the whole hold.
+            stat(Stat::HoldDrops);
+            return TC_ACT_SHOT;
+        }
+        // Past that, the client's own segments complete the handshake (if
+        // the agent's release never came).
+        set_flags(conn, ConnFlags::OPENED);
     }
     let mut act = NEXT;
     if seg.payload_len > 0 {
@@ -126,9 +157,58 @@ fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -
     act
 }
 
+/// A client segment while its connection is held before the MTA accepted it.
+#[inline(always)]
+fn ingress_held(
+    ctx: &TcContext,
+    seg: &Seg,
+    key: &ConnKey,
+    conn: &mut Conn,
+    cfg: &Config,
+    now_ns: u64,
+) -> i32 {
+    if seg.payload_len > 0 {
+        let act = client_data(ctx, seg, key, conn, cfg, now_ns);
+        if act != NEXT {
+            // Denied: the MTA never sees the connection.
+            return act;
+        }
+        // Logged (or PIPECONNECT): the bytes reach the MTA as they were sent,
+        // and their segment completes the handshake.
+        set_flags(conn, ConnFlags::OPENED);
+        if seg.fin {
+            set_flags(conn, ConnFlags::CLIENT_FIN);
+        }
+        return NEXT;
+    }
+    if seg.fin {
+        // The client gave up before its greeting: the MTA never hears of it
+        // (the agent resets the request socket and answers the client's FIN).
+        set_flags(conn, ConnFlags::CLIENT_FIN);
+        let _ = verdict(key, conn, Reason::ClientFin, now_ns, cfg);
+        return TC_ACT_SHOT;
+    }
+    // An ACK (to a retransmitted SYN-ACK, say): withheld, and remembered for
+    // the agent's release ACK.
+    note_client_ack(ctx, seg, conn);
+    stat(Stat::HoldDrops);
+    TC_ACT_SHOT
+}
+
+/// The client's window and timestamp, as the release ACK must carry them.
+#[inline(always)]
+fn note_client_ack(ctx: &TcContext, seg: &Seg, conn: &mut Conn) {
+    conn.client_win = parse::window(ctx, seg);
+    if let Some((tsval, _)) = Opts::of(seg).timestamps(ctx) {
+        conn.client_ts = tsval;
+        conn.flags |= ConnFlags::CLIENT_TS.bits();
+    }
+}
+
 /// An untracked client segment: tracking starts with the handshake's last ACK,
 /// which acknowledges the server's ISN + 1; anything else (connections older
-/// than the agent, stray ACKs) stays untracked.
+/// than the agent, stray ACKs) stays untracked. That ACK is withheld for `wait`
+/// (unless the client is in the pass cache): the hold.
 #[inline(always)]
 fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     if !seg.ack || seg.rst {
@@ -147,19 +227,40 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     let Some(conn) = maps::scratch_conn(&cfg, now_ns, hs.client_base, hs.server_isn) else {
         return NEXT;
     };
+    conn.synack_ts = hs.synack_ts;
+    conn.synacks = hs.synacks;
+    if hs.cookie != 0 {
+        conn.flags |= ConnFlags::COOKIE.bits();
+    }
     apply_pass_cache(key, conn, &cfg, now_ns);
-    let mut act = NEXT;
-    if seg.payload_len > 0 {
-        act = client_data(ctx, seg, key, conn, &cfg, now_ns);
+    if cfg.wait_ns == 0 || conn.has(ConnFlags::PASS_CACHED) {
+        // Not held: watched for bytes that race the greeting.
+        let mut act = NEXT;
+        if seg.payload_len > 0 {
+            act = client_data(ctx, seg, key, conn, &cfg, now_ns);
+        }
+        if seg.fin {
+            conn.flags |= ConnFlags::CLIENT_FIN.bits();
+        }
+        if !maps::track(key, conn) {
+            // Untracked from here on: fail open.
+            return NEXT;
+        }
+        return act;
     }
-    if seg.fin {
-        conn.flags |= ConnFlags::CLIENT_FIN.bits();
-    }
+    conn.flags |= ConnFlags::HELD.bits();
+    note_client_ack(ctx, seg, conn);
     if !maps::track(key, conn) {
-        // Untracked from here on: fail open rather than hold a client forever.
+        // No room to hold it: let the MTA have it (fail open).
         return NEXT;
     }
-    act
+    let Some(conn) = conn_mut(key) else {
+        return NEXT;
+    };
+    stat(Stat::Held);
+    emit(EventKind::Held, Reason::None, key, conn, now_ns);
+    // A bot's first bytes may ride on this very ACK.
+    ingress_held(ctx, seg, key, conn, &cfg, now_ns)
 }
 
 #[classifier]
@@ -178,9 +279,11 @@ fn egress(ctx: &TcContext) -> i32 {
         return NEXT;
     };
     let key = seg.key(Dir::Egress);
+    // SAFETY: reading a field of the context the kernel handed us.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if seg.syn {
         if seg.ack {
-            egress_synack(&seg, &key);
+            egress_synack(ctx, &seg, &key, sk.is_null());
         }
         return NEXT;
     }
@@ -192,8 +295,6 @@ fn egress(ctx: &TcContext) -> i32 {
         if seg.payload_len == 0 {
             return NEXT;
         }
-        // SAFETY: reading a field of the context the kernel handed us.
-        let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
         if !sk.is_null() && session_under_way(sk) {
             return NEXT;
         }
@@ -204,28 +305,46 @@ fn egress(ctx: &TcContext) -> i32 {
     }
 }
 
-/// The server's SYN-ACK: remember the half-open connection.
+/// The server's SYN-ACK: remember the half-open connection. A SYN cookie's
+/// SYN-ACK belongs to no socket (the kernel does not attach one under a SYN
+/// flood); a request socket's does.
 #[inline(always)]
-fn egress_synack(seg: &Seg, key: &ConnKey) {
-    match conn_mut(key) {
-        // TFO connections are tracked from their SYN; learn the ISN now.
-        Some(c) => c.server_isn = seg.seq,
-        None => {
-            if maps::allowlisted(&key.client_addr) {
-                return;
-            }
-            let hs = Handshake {
-                server_isn: seg.seq,
-                client_base: seg.ack_seq,
-            };
-            let _ = HANDSHAKES.insert(key, hs, 0);
-            stat(Stat::Handshakes);
+fn egress_synack(ctx: &TcContext, seg: &Seg, key: &ConnKey, cookie: bool) {
+    if let Some(c) = conn_mut(key) {
+        if c.has(ConnFlags::SYN_DATA) && c.synacks == 0 {
+            // Tracked from its SYN (TFO): learn the ISN now.
+            c.server_isn = seg.seq;
+        }
+        // A held request socket retransmits its SYN-ACK.
+        c.synacks = c.synacks.saturating_add(1);
+        return;
+    }
+    if let Some(h) = HANDSHAKES.get_ptr_mut(key) {
+        // SAFETY: map value valid for this run; a lost count only means one
+        // retransmission fewer counted.
+        let h = unsafe { &mut *h };
+        if h.server_isn == seg.seq {
+            h.synacks = h.synacks.saturating_add(1);
+            return;
         }
     }
+    if maps::allowlisted(&key.client_addr) {
+        return;
+    }
+    let ts = Opts::of(seg).timestamps(ctx);
+    let hs = Handshake {
+        server_isn: seg.seq,
+        client_base: seg.ack_seq,
+        synack_ts: ts.map_or(0, |t| t.0),
+        synacks: 1,
+        cookie: u16::from(cookie),
+    };
+    let _ = HANDSHAKES.insert(key, hs, 0);
+    stat(Stat::Handshakes);
 }
 
-/// A server segment of a tracked connection: the greeting is held until the
-/// release time, then let through with the verdict.
+/// A server segment of a tracked connection: the greeting (the verdict), or
+/// the end of the connection.
 #[inline(always)]
 fn egress_tracked(seg: &Seg, key: &ConnKey, conn: &mut Conn) -> i32 {
     if let Some(act) = settled(seg, key, conn, Reason::ServerRst, Reason::ServerFin) {
@@ -234,16 +353,10 @@ fn egress_tracked(seg: &Seg, key: &ConnKey, conn: &mut Conn) -> i32 {
     let now_ns = now();
     let cfg = config();
     if seg.payload_len > 0 {
-        if now_ns < conn.release_ns {
-            // Hold: TCP keeps the segment queued and retries every ~500 ms.
-            set_flags(conn, ConnFlags::HELD);
-            stat(Stat::HoldDrops);
-            return TC_ACT_SHOT;
-        }
         let kept = verdict(key, conn, Reason::Greeting, now_ns, &cfg);
         // The greeting and the MTA's close in one segment (it read the early
-        // bytes and the client's FIN, answered and closed while the greeting
-        // was held, and TCP sent it all at once): this segment is also the end.
+        // bytes and the client's FIN, answered and closed at once): this
+        // segment is also the end.
         if kept && (seg.fin || seg.rst) {
             settled(seg, key, conn, Reason::ServerRst, Reason::ServerFin);
         }

@@ -136,6 +136,10 @@ pub fn scratch_conn(
     c.server_isn = server_isn;
     c.flags = 0;
     c.payload_len = 0;
+    c.synack_ts = 0;
+    c.client_ts = 0;
+    c.client_win = 0;
+    c.synacks = 0;
     c.pad = 0;
     Some(c)
 }

@@ -39,6 +39,10 @@ pub struct Seg {
     pub ack: bool,
     pub fin: bool,
     pub rst: bool,
+    /// Offset of the TCP header from the start of the packet.
+    pub tcp_off: usize,
+    /// Length of the TCP options (the header beyond its 20 fixed bytes).
+    pub opt_len: u32,
     /// Offset of the TCP payload from the start of the packet.
     pub payload_off: usize,
     pub payload_len: u32,
@@ -185,6 +189,8 @@ pub fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
         ack: tcp.ack() != 0,
         fin: tcp.fin() != 0,
         rst: tcp.rst() != 0,
+        tcp_off: off,
+        opt_len: doff - 20,
         payload_off: off + doff as usize,
         payload_len: l4_len - doff,
     })
@@ -260,4 +266,104 @@ fn ipv6(ctx: &TcContext, mut off: usize) -> Option<(usize, u32)> {
         return None;
     }
     Some((off, plen))
+}
+
+const OPT_EOL: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_TS: u8 = 8;
+/// Options looked at before the timestamp: stacks put it first (NOP NOP TS)
+/// or after MSS and SACK-permitted, so five cover them all, and keep the
+/// verifier's walk short.
+const OPT_STEPS: usize = 5;
+
+/// A segment's TCP options, read in place with a short walk (cold paths only:
+/// SYN-ACKs and the ACKs of a held connection). Every read goes through
+/// bpf_skb_load_bytes, so no variable offset ever indexes the stack.
+pub struct Opts {
+    /// Offset of the TCP header in the packet.
+    tcp: u32,
+    /// Bytes of options.
+    len: u32,
+}
+
+/// One step of a walk: where an option starts, its kind and length.
+struct Opt {
+    at: u32,
+    kind: u8,
+    len: u32,
+}
+
+impl Opts {
+    #[inline(always)]
+    pub fn of(seg: &Seg) -> Opts {
+        Opts {
+            tcp: seg.tcp_off as u32,
+            len: seg.opt_len,
+        }
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, ctx: &TcContext, rel: u32) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        // SAFETY: N bytes into a local buffer of N bytes; the helper checks the
+        // packet bounds.
+        let ret = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                self.tcp + rel,
+                b.as_mut_ptr().cast(),
+                N as u32,
+            )
+        };
+        (ret == 0).then_some(b)
+    }
+
+    /// The option at `i` bytes into the options, if one starts there.
+    #[inline(always)]
+    fn at(&self, ctx: &TcContext, i: u32) -> Option<Opt> {
+        if i >= self.len {
+            return None;
+        }
+        let [kind] = self.load::<1>(ctx, 20 + i)?;
+        if kind == OPT_EOL {
+            return None;
+        }
+        if kind == OPT_NOP {
+            return Some(Opt { at: i, kind, len: 1 });
+        }
+        let [len] = self.load::<1>(ctx, 21 + i)?;
+        let len = u32::from(len);
+        if len < 2 || i + len > self.len {
+            return None;
+        }
+        Some(Opt { at: i, kind, len })
+    }
+
+    /// The timestamp option's (TSval, TSecr), if present.
+    #[inline(always)]
+    pub fn timestamps(&self, ctx: &TcContext) -> Option<(u32, u32)> {
+        let mut i = 0;
+        for _ in 0..OPT_STEPS {
+            let o = self.at(ctx, i)?;
+            if o.kind == OPT_TS && o.len == 10 {
+                let b = self.load::<8>(ctx, 22 + o.at)?;
+                return Some((
+                    be32([b[0], b[1], b[2], b[3]]),
+                    be32([b[4], b[5], b[6], b[7]]),
+                ));
+            }
+            i += o.len;
+        }
+        None
+    }
+}
+
+/// The segment's advertised window, as sent (unscaled).
+#[inline(always)]
+pub fn window(ctx: &TcContext, seg: &Seg) -> u16 {
+    match ptr_at::<TcpHdr>(ctx, seg.tcp_off) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(t) => be16(unsafe { (*t).window }),
+        None => 0,
+    }
 }

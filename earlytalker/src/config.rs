@@ -637,13 +637,18 @@ pub fn secs(d: Duration) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-/// The longest hold the TC-drop technique supports: TCP re-sends a locally dropped
-/// segment every 500 ms and aborts after `tcp_retries2` such probes, so keep a
-/// one-second margin below that (measured: 15 retries -> abort at ~7.5 s).
-pub fn max_wait_for_retries(tcp_retries2: u32) -> Duration {
-    let ms = u64::from(tcp_retries2) * 500;
-    Duration::from_millis(ms.saturating_sub(1000))
+/// The longest hold before accept this kernel allows. A held request socket
+/// retransmits its SYN-ACK after 1, 2, 4, … s and is dropped after
+/// `tcp_synack_retries` of them, 2^(n+1) − 1 s after the SYN (63 s for the
+/// default 5); keep 3 s of margin. A SYN cookie is good for at least 60 s (two
+/// one-minute counter ticks), hence the ceiling.
+pub fn max_wait_for_synack_retries(retries: u32) -> Duration {
+    let life_ms = ((1u64 << retries.min(16).saturating_add(1)) - 1) * 1000;
+    Duration::from_millis(life_ms.saturating_sub(3000).min(MAX_WAIT_COOKIE_MS))
 }
+
+/// How long a SYN cookie is surely still valid.
+const MAX_WAIT_COOKIE_MS: u64 = 60_000;
 
 #[cfg(test)]
 mod tests {
@@ -900,16 +905,22 @@ mod tests {
     }
 
     #[test]
-    fn max_wait_follows_tcp_retries2() {
-        assert_eq!(max_wait_for_retries(15), Duration::from_millis(6500));
-        assert_eq!(max_wait_for_retries(8), Duration::from_secs(3));
-        assert_eq!(max_wait_for_retries(1), Duration::ZERO);
-        let s = settings(&["-w", "60"]).unwrap();
-        let e = s.check_wait(max_wait_for_retries(15), "x").unwrap_err();
-        assert!(e.to_string().contains("--wait 60 exceeds the 6.5 s"), "{e}");
-        settings(&["-w", "6.5"])
+    fn max_wait_follows_the_synack_retry_budget() {
+        assert_eq!(max_wait_for_synack_retries(5), Duration::from_secs(60));
+        assert_eq!(max_wait_for_synack_retries(2), Duration::from_secs(4));
+        assert_eq!(max_wait_for_synack_retries(1), Duration::ZERO);
+        assert_eq!(max_wait_for_synack_retries(9), Duration::from_secs(60));
+        let s = settings(&["-w", "61"]).unwrap();
+        let e = s
+            .check_wait(max_wait_for_synack_retries(5), "x")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("--wait 61 exceeds the 60.0 s"),
+            "{e}"
+        );
+        settings(&["-w", "60"])
             .unwrap()
-            .check_wait(max_wait_for_retries(15), "x")
+            .check_wait(max_wait_for_synack_retries(5), "x")
             .unwrap();
     }
 

@@ -4,6 +4,10 @@
 //! earlytalker-common's table does for the kernel's counters.
 
 use crate::config::Taken;
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AgentStat {
@@ -13,6 +17,9 @@ pub enum AgentStat {
     Log,
     TeardownFailures,
     RecordsRejected,
+    Released,
+    ReleaseRetries,
+    ReleasesAbandoned,
 }
 
 pub struct AgentStatInfo {
@@ -34,7 +41,7 @@ const fn s(stat: AgentStat, name: &'static str, help: &'static str, metric: bool
 }
 
 /// Indexed by `AgentStat`.
-pub const AGENT_STATS: [AgentStatInfo; 6] = [
+pub const AGENT_STATS: [AgentStatInfo; 9] = [
     s(
         AgentStat::Deny,
         "action_deny",
@@ -71,6 +78,24 @@ pub const AGENT_STATS: [AgentStatInfo; 6] = [
         "Kernel records the agent could not read (unknown kind or reason, short record)",
         true,
     ),
+    s(
+        AgentStat::Released,
+        "releases",
+        "Held connections whose handshake the agent completed",
+        true,
+    ),
+    s(
+        AgentStat::ReleaseRetries,
+        "release_retries",
+        "Releases sent again because the handshake had not completed",
+        true,
+    ),
+    s(
+        AgentStat::ReleasesAbandoned,
+        "releases_abandoned",
+        "Releases given up (the server dropped the request, or tries ran out)",
+        true,
+    ),
 ];
 
 const _: () = {
@@ -92,16 +117,18 @@ impl AgentStat {
     }
 }
 
+/// Shared by the pipeline and the release thread (a clone counts into the same
+/// cells).
 #[derive(Default, Clone, Debug)]
-pub struct Counts([u64; AGENT_STATS.len()]);
+pub struct Counts(Arc<[AtomicU64; AGENT_STATS.len()]>);
 
 impl Counts {
-    pub fn add(&mut self, s: AgentStat) {
-        self.0[s as usize] += 1;
+    pub fn add(&self, s: AgentStat) {
+        self.0[s as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn get(&self, s: AgentStat) -> u64 {
-        self.0[s as usize]
+        self.0[s as usize].load(Ordering::Relaxed)
     }
 
     /// Early talkers by what was done to them.
@@ -124,7 +151,7 @@ mod tests {
 
     #[test]
     fn counts_by_name_and_action() {
-        let mut c = Counts::default();
+        let c = Counts::default();
         c.add(AgentStat::of(Taken::Defer));
         c.add(AgentStat::RecordsRejected);
         c.add(AgentStat::RecordsRejected);

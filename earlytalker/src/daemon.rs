@@ -5,13 +5,18 @@
 use crate::{
     actions::Enforcer,
     config::{self, RunArgs, Settings},
+    counts::Counts,
+    diag::Diag,
+    forge::Raw,
     iface, listen,
     loader::{self, Features, Guard},
     metrics, milter,
     output::{self, Out},
     passcache,
     pipeline::Pipeline,
-    policy, privs, probe, status,
+    policy, privs, probe,
+    release::{self, monotonic_ns, Releaser},
+    status,
     store::Store,
 };
 use anyhow::{Context, Result};
@@ -64,7 +69,10 @@ impl StartError {
 }
 
 fn retries_why(f: &Features) -> String {
-    format!("net.ipv4.tcp_retries2 = {}", f.tcp_retries2)
+    format!(
+        "net.ipv4.tcp_synack_retries = {}; a SYN cookie lasts at least 60 s",
+        f.tcp_synack_retries
+    )
 }
 
 /// Starts the agent; returns when it was told to stop (Ok) or a fatal error
@@ -107,6 +115,15 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
     let snap: status::Shared = Arc::default();
     rt.block_on(services(&settings, &store, out, &snap))
         .map_err(StartError::Service)?;
+    // Shared by the pipeline and the release thread.
+    let counts = Counts::default();
+    // The release thread's map handle and sockets, opened while privileged.
+    let release_parts = release::Parts {
+        conns: guard.conns_handle().map_err(StartError::Attach)?,
+        raw: Raw::new().map_err(StartError::Privilege)?,
+        diag: Diag::new().map_err(StartError::Privilege)?,
+        counts: counts.clone(),
+    };
     // Everything privileged is done: attached, sockets bound and handed over.
     privs::drop_privileges().map_err(StartError::DropPrivileges)?;
     // Threads only after the drop: capabilities are per thread.
@@ -114,10 +131,13 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         metrics::serve(addr, snap.clone()).map_err(StartError::Service)?;
     }
     let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
+    let releaser = Releaser::start(release_parts).map_err(StartError::Service)?;
     let pipeline = Pipeline::new(
         out,
         store,
         Some(enforcer),
+        Some(releaser),
+        counts,
         snap.clone(),
         &settings.live,
         grace,
@@ -174,13 +194,6 @@ async fn services(
     )
     .await?;
     status::serve(f.control_socket.clone(), snap.clone()).await
-}
-
-fn monotonic_ns() -> u64 {
-    // Same clock as bpf_ktime_get_ns.
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 struct Daemon {
@@ -367,15 +380,32 @@ impl Daemon {
         self.out.pipeconnect(&self.s, now);
     }
 
-    fn on_stop(self) {
+    /// Detaches first, then releases every held client at once (their own
+    /// segments flow again too), then reports.
+    fn on_stop(mut self) {
         self.save_passes();
-        self.out.stopped(&self.counters(&self.guard.counters()));
-        let f = &self.s.fixed;
+        let kernel = self.guard.counters();
+        let releaser = self.pipeline.take_releaser();
+        let Daemon {
+            guard,
+            pipeline,
+            out,
+            s,
+            ..
+        } = self;
+        guard.detach();
+        if let Some(r) = releaser {
+            r.stop();
+        }
+        let mut c: Vec<(&'static str, u64)> =
+            kernel.iter().map(|(st, v)| (st.name(), *v)).collect();
+        c.extend(pipeline.counts.list());
+        out.stopped(&c);
+        let f = &s.fixed;
         for p in [&f.policy_socket, &f.milter_socket].into_iter().flatten() {
             let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_file(&f.control_socket);
-        self.guard.detach();
         log::info!("detached; exiting");
     }
 

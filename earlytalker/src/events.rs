@@ -30,6 +30,8 @@ pub enum End {
     ClientReset,
     ServerClose,
     ServerReset,
+    /// The client closed while held: the MTA never saw it.
+    ClientClose,
     /// The agent gave up waiting for a greeting.
     NoGreeting,
     /// Enforced: the client got our reply instead of the greeting.
@@ -43,6 +45,7 @@ impl End {
             End::ClientReset => "client_reset",
             End::ServerClose => "server_close",
             End::ServerReset => "server_reset",
+            End::ClientClose => "client_close",
             End::NoGreeting => "no_greeting",
             End::Denied => "denied",
         }
@@ -62,7 +65,6 @@ pub struct Verdict {
     /// Greeting released, after the handshake.
     pub greeting_after_ms: Option<f64>,
     pub payload: Vec<u8>,
-    pub syn_data: bool,
     /// What was done to an early talker.
     pub action: Taken,
 }
@@ -107,7 +109,6 @@ pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: Taken)
         after_ms: early.then(|| ms_between(conn.established_ns, conn.first_ns)),
         greeting_after_ms: (end == End::Greeting).then(|| ms_between(conn.established_ns, now_ns)),
         payload: conn.payload[..len].to_vec(),
-        syn_data: conn.has(ConnFlags::SYN_DATA),
         action,
     }
 }
@@ -143,11 +144,16 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     let ev = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<Event>()) };
     let kind = EventKind::try_from(ev.kind).map_err(DecodeError::Unknown)?;
     let reason = Reason::try_from(ev.reason).map_err(DecodeError::Unknown)?;
-    // What the kernel emits: early events carry no reason, a verdict ends the
-    // pre-greeting phase (a client's FIN alone does not), a close has a FIN or RST.
+    // What the kernel emits: early and hold events carry no reason, a verdict
+    // ends the pre-greeting phase (a client's FIN only while held: otherwise the
+    // MTA has the connection and answers it), a close has a FIN or RST.
     let fits = match kind {
-        EventKind::Early => reason == Reason::None,
-        EventKind::Verdict => !matches!(reason, Reason::None | Reason::ClientFin),
+        EventKind::Early | EventKind::Held => reason == Reason::None,
+        EventKind::Verdict => match reason {
+            Reason::None => false,
+            Reason::ClientFin => ev.conn.has(ConnFlags::HELD),
+            _ => true,
+        },
         EventKind::Closed => !matches!(reason, Reason::None | Reason::Greeting),
     };
     if !fits {
@@ -167,8 +173,9 @@ fn end_of(reason: Reason) -> End {
     match reason {
         Reason::Greeting => End::Greeting,
         Reason::ClientRst => End::ClientReset,
-        // Never on a verdict: `decode` refuses these.
-        Reason::ClientFin | Reason::None => End::NoGreeting,
+        Reason::ClientFin => End::ClientClose,
+        // Never on a verdict: `decode` refuses it.
+        Reason::None => End::NoGreeting,
         Reason::ServerFin => End::ServerClose,
         Reason::ServerRst => End::ServerReset,
     }
@@ -283,7 +290,7 @@ impl Tracker {
                     self.action,
                 ))
             }
-            EventKind::Closed => None,
+            EventKind::Closed | EventKind::Held => None,
         }
     }
 
@@ -359,6 +366,10 @@ pub(crate) mod tests {
             server_isn: 7,
             flags: 0,
             payload_len: 0,
+            synack_ts: 0,
+            client_ts: 0,
+            client_win: 0,
+            synacks: 1,
             pad: 0,
             payload: [0; PAYLOAD_MAX],
         };
@@ -451,6 +462,7 @@ pub(crate) mod tests {
             (EventKind::Closed, Reason::ClientFin),
             (EventKind::Closed, Reason::ServerFin),
             (EventKind::Closed, Reason::ServerRst),
+            (EventKind::Held, R_NONE),
         ] {
             let r = decode(&raw(kind as u32, reason as u32, k, conn(b"EHLO\r\n")))
                 .unwrap_or_else(|e| panic!("{kind:?}/{reason:?}: {e}"));
@@ -458,7 +470,7 @@ pub(crate) mod tests {
             assert_eq!(r.conn.payload[..r.conn.payload_len as usize], *b"EHLO\r\n");
         }
         // Every kind the ABI defines is covered above.
-        assert_eq!(EventKind::ALL.len(), 3);
+        assert_eq!(EventKind::ALL.len(), 4);
         let bytes = raw(EV_VERDICT as u32, R_GREETING as u32, k, conn(b""));
         assert_eq!(decode(&bytes[..10]).unwrap_err(), DecodeError::Short(10));
         let e = decode(&raw(77, 1, k, conn(b""))).unwrap_err();
@@ -478,6 +490,11 @@ pub(crate) mod tests {
             .unwrap_err(),
             DecodeError::Mismatch(EV_VERDICT, Reason::ClientFin)
         );
+        // … which only a held connection ends with: the MTA never saw it.
+        let mut held = conn(b"");
+        held.flags |= ConnFlags::HELD.bits();
+        let r = decode(&raw(EV_VERDICT as u32, Reason::ClientFin as u32, k, held)).unwrap();
+        assert_eq!(end_of(r.reason), End::ClientClose);
         assert!(decode(&raw(EV_EARLY as u32, R_GREETING as u32, k, conn(b""))).is_err());
     }
 

@@ -6,6 +6,8 @@
 //!
 //! * start-up and the event loop: `daemon`; what a kernel record leads to:
 //!   `pipeline` (with `events`, `store`, `actions`, `output`, `counts`);
+//! * the hold before accept: `release` (a thread that completes held handshakes
+//!   on time), with `forge` (segments the agent writes) and `diag` (sock_diag);
 //! * the kernel side: `loader` (load, configure, attach), `iface`, `privs`;
 //! * what the MTA and the operator ask: `policy`, `milter`, `opensmtpd` (a
 //!   filter OpenSMTPD runs), `listen`, `status`,
@@ -15,7 +17,9 @@ pub mod actions;
 pub mod config;
 pub mod counts;
 pub mod daemon;
+pub mod diag;
 pub mod events;
+pub mod forge;
 pub mod iface;
 pub mod listen;
 pub mod loader;
@@ -28,5 +32,6 @@ pub mod pipeline;
 pub mod policy;
 pub mod privs;
 pub mod probe;
+pub mod release;
 pub mod status;
 pub mod store;

@@ -2,7 +2,7 @@
 //! TCX links. A TCX link is a file descriptor owned by this process: if the agent
 //! dies, the kernel detaches the programs and mail flows untouched (fail open).
 
-use crate::config::{max_wait_for_retries, Fixed, Live};
+use crate::config::{max_wait_for_synack_retries, Fixed, Live};
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{
@@ -21,6 +21,7 @@ use earlytalker_common::{
     MAP_HANDSHAKES, MAP_PASSED, MAP_PORTS, MAP_STATS, PORT_WORDS, PROG_EGRESS, PROG_INGRESS, STATS,
 };
 use ipnet::IpNet;
+use std::os::fd::AsFd;
 use std::time::Duration;
 use std::{collections::HashSet, net::IpAddr};
 
@@ -35,7 +36,8 @@ const TCX_MIN: KernelVersion = KernelVersion::new(6, 6, 0);
 pub struct Features {
     pub kernel: String,
     pub max_wait: Duration,
-    pub tcp_retries2: u32,
+    /// net.ipv4.tcp_synack_retries: how long a held request socket lives.
+    pub tcp_synack_retries: u32,
     /// /sys/kernel/btf/vmlinux is present (not needed by the programs; reported).
     pub btf: bool,
 }
@@ -52,16 +54,16 @@ pub fn detect() -> Result<Features> {
         bail!("kernel {kv} lacks TCX links (needs 6.6 or later); earlytalker only attaches through TCX so that it fails open");
     }
     // Per network namespace: read the one the agent runs in, like its interfaces.
-    let raw = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_retries2")
-        .context("cannot read net.ipv4.tcp_retries2")?;
-    let tcp_retries2: u32 = raw
+    let raw = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_synack_retries")
+        .context("cannot read net.ipv4.tcp_synack_retries")?;
+    let tcp_synack_retries: u32 = raw
         .trim()
         .parse()
-        .with_context(|| format!("odd net.ipv4.tcp_retries2 value {raw:?}"))?;
+        .with_context(|| format!("odd net.ipv4.tcp_synack_retries value {raw:?}"))?;
     Ok(Features {
         kernel: kv.to_string(),
-        max_wait: max_wait_for_retries(tcp_retries2),
-        tcp_retries2,
+        max_wait: max_wait_for_synack_retries(tcp_synack_retries),
+        tcp_synack_retries,
         btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
     })
 }
@@ -269,6 +271,22 @@ impl Guard {
             }
         }
         Ok(())
+    }
+
+    /// A second handle on the connection table, for the release thread.
+    pub fn conns_handle(&self) -> Result<HashMap<MapData, ConnKey, Conn>> {
+        let map = self.ebpf.map(MAP_CONNS).context("CONNS map missing")?;
+        let aya::maps::Map::LruHashMap(data) = map else {
+            bail!("CONNS is not an LRU hash map");
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the CONNS map descriptor")?;
+        Ok(HashMap::try_from(aya::maps::Map::LruHashMap(
+            MapData::from_fd(fd)?,
+        ))?)
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {

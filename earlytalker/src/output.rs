@@ -80,9 +80,6 @@ pub fn write_text(line: &mut String, v: &Verdict) {
                     let _ = write!(line, " ended by {}", v.end.as_str());
                 }
             }
-            if v.syn_data {
-                line.push_str(" (data in SYN)");
-            }
             write!(line, ": {}", escape(&v.payload))
         }
         Kind::Pipeconnect => write!(
@@ -118,7 +115,6 @@ pub fn json_value(v: &Verdict) -> Value {
             "action": v.action.as_str(),
             "greeting_after_ms": v.greeting_after_ms,
             "end": v.end.as_str(),
-            "syn_data": v.syn_data,
         }),
         Kind::Pipeconnect => json!({
             "event": "pipeconnect",
@@ -261,7 +257,7 @@ impl Out {
     /// One start-up line: settings in force, kernel features found, limits.
     pub fn started(&self, s: &Settings, f: &Features, advertised: Option<bool>) {
         let text = format!(
-            "STARTED interfaces={} ports={} wait={}s action={} allow={} pass_ttl={}s pipeconnect={} (MTA advertises it: {}) kernel={} tcx=yes btf={} sock_destroy={} max_wait={}s (tcp_retries2={})",
+            "STARTED interfaces={} ports={} wait={}s action={} allow={} pass_ttl={}s pipeconnect={} (MTA advertises it: {}) kernel={} tcx=yes btf={} sock_destroy={} max_wait={}s (tcp_synack_retries={})",
             s.fixed.ifaces.join(","),
             join_ports(&s.live.ports),
             secs(s.live.wait),
@@ -274,7 +270,7 @@ impl Out {
             if f.btf { "yes" } else { "no" },
             if s.live.enforce() { "yes" } else { "unused" },
             secs(f.max_wait),
-            f.tcp_retries2,
+            f.tcp_synack_retries,
         );
         let mut json = config_json(s, advertised);
         json["event"] = "started".into();
@@ -286,7 +282,7 @@ impl Out {
             "sock_destroy": if s.live.enforce() { Value::Bool(true) } else { Value::Null },
         });
         json["max_wait"] = f.max_wait.as_secs_f64().into();
-        json["tcp_retries2"] = f.tcp_retries2.into();
+        json["tcp_synack_retries"] = f.tcp_synack_retries.into();
         self.emit(text, json);
     }
 

@@ -3,11 +3,12 @@
 //! and ticks, and tells it when the policy changes.
 
 use crate::{
-    actions::Enforcer,
+    actions::{before_accept, Enforcer},
     config::{Action, Live, Taken},
     counts::{AgentStat, Counts},
     events::{self, client_of, decode, server_of, DecodeError, Dedupe, End, Kind, Record, Tracker},
     output::Out,
+    release::Releaser,
     status,
     store::Store,
 };
@@ -29,6 +30,8 @@ pub struct Pipeline {
     pub store: Arc<Mutex<Store>>,
     /// None only in unit tests (opening it needs CAP_NET_RAW).
     enforcer: Option<Enforcer>,
+    /// Completes held handshakes on time; None only in unit tests.
+    releaser: Option<Releaser>,
     pub counts: Counts,
     snap: status::Shared,
     /// The policy in force: what is done to an early talker, and with which code.
@@ -42,6 +45,8 @@ impl Pipeline {
         out: Out,
         store: Arc<Mutex<Store>>,
         enforcer: Option<Enforcer>,
+        releaser: Option<Releaser>,
+        counts: Counts,
         snap: status::Shared,
         live: &Live,
         grace_ns: u64,
@@ -55,7 +60,8 @@ impl Pipeline {
             tracker: Tracker::new(live.taken(), grace_ns, limit),
             store,
             enforcer,
-            counts: Counts::default(),
+            releaser,
+            counts,
             snap,
             action: live.action,
             defer_reject: live.defer_reject,
@@ -68,6 +74,11 @@ impl Pipeline {
         self.action = live.action;
         self.defer_reject = live.defer_reject;
         self.tracker.set_action(live.taken());
+    }
+
+    /// The release thread, for the daemon to stop after detaching.
+    pub fn take_releaser(&mut self) -> Option<Releaser> {
+        self.releaser.take()
     }
 
     /// For a reload that switches enforcement on: SOCK_DESTROY must work.
@@ -107,6 +118,23 @@ impl Pipeline {
             r.conn.flag_set()
         );
         match r.kind {
+            EventKind::Held => {
+                if let Some(rel) = &self.releaser {
+                    rel.hold(r.key, r.conn.release_ns);
+                }
+                return;
+            }
+            EventKind::Verdict
+                if r.reason == earlytalker_common::Reason::ClientFin && before_accept(&r.conn) =>
+            {
+                // Hung up while held: the request socket goes, the client gets
+                // a RST for its FIN.
+                if let Some(Err(e)) = self.enforcer.as_mut().map(|e| e.abort(&r.key, &r.conn)) {
+                    self.counts.add(AgentStat::TeardownFailures);
+                    self.out
+                        .teardown_failed(client, server_of(&r.key), "abort", &format!("{e:#}"));
+                }
+            }
             // Let through: nothing for the MTA to refuse.
             EventKind::Early if r.conn.has(ConnFlags::PIPECONNECT) => {}
             EventKind::Early => {
@@ -201,6 +229,8 @@ mod tests {
             Out::new(crate::config::LogFormat::Json),
             store.clone(),
             None,
+            None,
+            Counts::default(),
             status::Shared::default(),
             &Live {
                 ports: vec![25],

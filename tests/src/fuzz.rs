@@ -23,6 +23,7 @@ use earlytalker_common::{
 };
 
 const F_EARLY: u32 = ConnFlags::EARLY.bits();
+const F_OPENED: u32 = ConnFlags::OPENED.bits();
 const F_SYN_DATA: u32 = ConnFlags::SYN_DATA.bits();
 const F_HELD: u32 = ConnFlags::HELD.bits();
 const F_CLIENT_FIN: u32 = ConnFlags::CLIENT_FIN.bits();
@@ -38,6 +39,7 @@ const CFG_PIPECONNECT: u64 = CfgFlags::PIPECONNECT.bits();
 const EV_EARLY: u32 = EventKind::Early as u32;
 const EV_VERDICT: u32 = EventKind::Verdict as u32;
 const EV_CLOSED: u32 = EventKind::Closed as u32;
+const EV_HELD: u32 = EventKind::Held as u32;
 const R_GREETING: u32 = Reason::Greeting as u32;
 const R_CLIENT_RST: u32 = Reason::ClientRst as u32;
 const R_SERVER_FIN: u32 = Reason::ServerFin as u32;
@@ -54,6 +56,7 @@ pub struct ConnView {
     client_end: u32,
     server_isn: u32,
     flags: u32,
+    synacks: u16,
     payload: Vec<u8>,
 }
 
@@ -65,6 +68,7 @@ impl ConnView {
             client_end: c.client_end,
             server_isn: c.server_isn,
             flags: c.flags,
+            synacks: c.synacks,
             payload: c.payload[..n].to_vec(),
         }
     }
@@ -326,6 +330,30 @@ impl Model {
         Some(NEXT)
     }
 
+    /// A client segment while held (the release time never comes in a run:
+    /// the wait is longer than any run, or zero and nothing is held).
+    fn held(&mut self, p: &[u8], seg: &Seg, key: Key, mut c: ConnView) -> u32 {
+        if seg.payload_len > 0 {
+            let act = self.client_data(p, seg, key, &mut c);
+            if act == NEXT {
+                // Logged: the data completes the handshake.
+                c.flags |= F_OPENED;
+                if seg.fin {
+                    c.flags |= F_CLIENT_FIN;
+                }
+            }
+            self.conns.insert(key, c);
+            return act;
+        }
+        if seg.fin {
+            c.flags |= F_CLIENT_FIN;
+            self.verdict(key, c, R_CLIENT_FIN);
+            return SHOT;
+        }
+        self.conns.insert(key, c);
+        SHOT
+    }
+
     pub fn ingress(&mut self, p: &[u8]) -> u32 {
         let Some(seg) = parse(p, true) else {
             return NEXT;
@@ -354,6 +382,7 @@ impl Model {
                 client_end: base,
                 server_isn: 0,
                 flags: F_SYN_DATA,
+                synacks: 0,
                 payload: vec![],
             };
             self.client_data(p, &seg, key, &mut c);
@@ -368,6 +397,9 @@ impl Model {
             if seg.rst {
                 self.verdict(key, c, R_CLIENT_RST);
                 return NEXT;
+            }
+            if c.flags & F_HELD != 0 && c.flags & F_OPENED == 0 {
+                return self.held(p, &seg, key, c);
             }
             let mut act = NEXT;
             if seg.payload_len > 0 {
@@ -394,21 +426,28 @@ impl Model {
             client_end: h.client_base,
             server_isn: h.server_isn,
             flags: 0,
+            synacks: h.synacks,
             payload: vec![],
         };
         if self.pass && self.passed.contains(&key.client_addr) {
             // Passed before: not held.
             c.flags |= F_PASS_CACHED;
         }
-        let mut act = NEXT;
-        if seg.payload_len > 0 {
-            act = self.client_data(p, &seg, key, &mut c);
+        if self.wait_zero || c.flags & F_PASS_CACHED != 0 {
+            let mut act = NEXT;
+            if seg.payload_len > 0 {
+                act = self.client_data(p, &seg, key, &mut c);
+            }
+            if seg.fin {
+                c.flags |= F_CLIENT_FIN;
+            }
+            self.conns.insert(key, c);
+            return act;
         }
-        if seg.fin {
-            c.flags |= F_CLIENT_FIN;
-        }
-        self.conns.insert(key, c);
-        act
+        // Held before accept: the agent hears of it, and this ACK is withheld.
+        c.flags |= F_HELD;
+        self.emit(EV_HELD, 0, key, &c);
+        self.held(p, &seg, key, c)
     }
 
     pub fn egress(&mut self, p: &[u8], mark: u32) -> u32 {
@@ -428,13 +467,22 @@ impl Model {
         if seg.syn {
             if seg.ack {
                 if let Some(c) = self.conns.get_mut(&key) {
-                    c.server_isn = seg.seq;
+                    if c.flags & F_SYN_DATA != 0 && c.synacks == 0 {
+                        c.server_isn = seg.seq;
+                    }
+                    c.synacks = c.synacks.saturating_add(1);
+                } else if let Some(h) = self.hs.get_mut(&key).filter(|h| h.server_isn == seg.seq) {
+                    h.synacks = h.synacks.saturating_add(1);
                 } else {
+                    // BPF_PROG_TEST_RUN gives every skb a socket: never a cookie.
                     self.hs.insert(
                         key,
                         Handshake {
                             server_isn: seg.seq,
                             client_base: seg.ack_seq,
+                            synack_ts: 0,
+                            synacks: 1,
+                            cookie: 0,
                         },
                     );
                 }
@@ -445,18 +493,13 @@ impl Model {
         if seg.payload_len == 0 && !seg.fin && !seg.rst {
             return NEXT;
         }
-        let Some(mut c) = self.conns.get(&key).cloned() else {
+        let Some(c) = self.conns.get(&key).cloned() else {
             return NEXT;
         };
         if let Some(act) = self.settled(&seg, key, &c, R_SERVER_RST, R_SERVER_FIN) {
             return act;
         }
         if seg.payload_len > 0 {
-            if !self.wait_zero && c.flags & F_PASS_CACHED == 0 {
-                c.flags |= F_HELD;
-                self.conns.insert(key, c);
-                return SHOT;
-            }
             self.verdict(key, c, R_GREETING);
             // Greeting and close in one segment: the kept entry ends here too.
             if seg.fin || seg.rst {

@@ -25,6 +25,70 @@ pub struct Session {
     pub closed_at: Option<Instant>,
     /// How the socket ended: "eof", or the error of the read/write that failed.
     pub end: String,
+    /// The socket's TCP_INFO once the client's first bytes were read (after
+    /// the greeting went out, so one round trip has been timed).
+    pub info: Option<TcpState>,
+}
+
+/// What TCP_INFO says about a socket's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpState {
+    pub rto_us: u32,
+    pub rtt_us: u32,
+    /// TCPI_OPT_* bits: timestamps 1, SACK 2, window scaling 4.
+    pub options: u8,
+    /// Send and receive window scale, as negotiated.
+    pub wscale: (u8, u8),
+    pub snd_cwnd: u32,
+}
+
+impl TcpState {
+    pub fn of(fd: std::os::fd::BorrowedFd<'_>) -> Option<TcpState> {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+        let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: a valid socket, a buffer of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut ti).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(TcpState {
+            rto_us: ti.tcpi_rto,
+            rtt_us: ti.tcpi_rtt,
+            options: ti.tcpi_options,
+            wscale: (ti.tcpi_snd_rcv_wscale & 0x0f, ti.tcpi_snd_rcv_wscale >> 4),
+            snd_cwnd: ti.tcpi_snd_cwnd,
+        })
+    }
+}
+
+/// How the responder listens and accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen {
+    pub port: u16,
+    pub greet_delay: Duration,
+    /// The listen backlog (the accept queue's size).
+    pub backlog: i32,
+    /// A slow MTA: this long between two accepts.
+    pub accept_pause: Duration,
+}
+
+impl Listen {
+    pub fn new(port: u16) -> Self {
+        Listen {
+            port,
+            greet_delay: Duration::ZERO,
+            backlog: 128,
+            accept_pause: Duration::ZERO,
+        }
+    }
 }
 
 /// A greet_delay meaning "never greet".
@@ -42,22 +106,52 @@ pub struct Responder {
 impl Responder {
     /// Listens on all addresses of the server namespace.
     pub fn start(lab: &Lab, port: u16, greet_delay: Duration) -> Result<Self> {
+        Self::start_with(
+            lab,
+            Listen {
+                greet_delay,
+                ..Listen::new(port)
+            },
+        )
+    }
+
+    /// Listens as `how` says. accept() is called as soon as a connection is
+    /// ready (poll), so accept times are the kernel's, not a polling period's.
+    pub fn start_with(lab: &Lab, how: Listen) -> Result<Self> {
         let sessions: Arc<Mutex<HashMap<u16, Session>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s2, st2) = (sessions.clone(), stop.clone());
+        let port = how.port;
         let accept = lab.in_server(move || -> Result<()> {
-            let l = TcpListener::bind(("::", port)).context("responder bind")?;
+            let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            sock.set_reuse_address(true)?;
+            sock.set_only_v6(false)?;
+            sock.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())
+                .context("responder bind")?;
+            sock.listen(how.backlog)?;
+            let l: TcpListener = sock.into();
             l.set_nonblocking(true)?;
             let _ = ready_tx.send(());
             while !st2.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((c, peer)) => {
+                        let _ = c.set_nonblocking(false);
                         let s3 = s2.clone();
-                        thread::spawn(move || serve(c, peer, greet_delay, s3));
+                        let delay = how.greet_delay;
+                        thread::spawn(move || serve(c, peer, delay, s3));
+                        if !how.accept_pause.is_zero() {
+                            thread::sleep(how.accept_pause);
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5))
+                        use std::os::fd::AsFd;
+                        let mut fds = [nix::poll::PollFd::new(
+                            l.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        // Bounded, so the stop flag is seen.
+                        let _ = nix::poll::poll(&mut fds, 50u16);
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -110,15 +204,23 @@ fn serve(
     sessions: Arc<Mutex<HashMap<u16, Session>>>,
 ) {
     let port = peer.port();
+    let accepted_at = Instant::now();
+    // A second handle for TCP_INFO, so the recorder does not borrow `c`.
+    let probe = c.try_clone().ok();
     let record = |data: &[u8], end: Option<String>| {
         if let Ok(mut m) = sessions.lock() {
             let s = m.entry(port).or_insert_with(|| Session {
                 received: Vec::new(),
                 closed: false,
-                accepted_at: Instant::now(),
+                accepted_at,
                 closed_at: None,
                 end: String::new(),
+                info: None,
             });
+            if s.info.is_none() && !data.is_empty() {
+                use std::os::fd::AsFd;
+                s.info = probe.as_ref().and_then(|p| TcpState::of(p.as_fd()));
+            }
             s.received.extend_from_slice(data);
             if let Some(e) = end {
                 s.closed = true;

@@ -257,7 +257,7 @@ fn t11_bad_input_exits_2_with_one_line() {
         &["-a", "log", "--port", "70000"],
         &["-a", "log", "--wait", "-1"],
         &["-a", "log", "--wait", "abc"],
-        &["-a", "log", "--wait", "60"],
+        &["-a", "log", "--wait", "60.5"],
         &["-a", "log", "--iface", "nosuch"],
         &["-a", "maybe"],
         // Policy answers are never offered to the network.
@@ -281,10 +281,11 @@ fn t11_bad_input_exits_2_with_one_line() {
         );
         eprintln!("{args:?} -> {}", err.trim());
     }
+    // The limit comes from the SYN-ACK retry budget (60 s at the default 5).
     let (_, _, err) =
-        run_agent_once(&lab, &["-i", &lab.server_if, "-a", "log", "--wait", "60"]).unwrap();
+        run_agent_once(&lab, &["-i", &lab.server_if, "-a", "log", "--wait", "60.5"]).unwrap();
     assert!(
-        err.contains("--wait 60") && err.contains("tcp_retries2"),
+        err.contains("--wait 60.5 exceeds the 60.0 s") && err.contains("tcp_synack_retries = 5"),
         "{err}"
     );
     let (_, _, err) = run_agent_once(&lab, &["-a", "log", "--iface", "nosuch"]).unwrap();
