@@ -126,7 +126,10 @@ pub fn client_data(
             maps::forget_pass(&key.client_addr);
             stat(Stat::Early);
         }
-        emit(EventKind::Early, Reason::None, key, conn, now_ns);
+        // The MTA may ask about it within milliseconds (defer-reject: the
+        // bytes let in complete the handshake at once): no batching.
+        let wake = cfg.has(CfgFlags::TRACK_EARLY);
+        emit(EventKind::Early, Reason::None, key, conn, now_ns, wake);
     }
     if conn.has(ConnFlags::DENY) {
         stat(Stat::DenyDrops);
@@ -158,7 +161,7 @@ pub fn verdict(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64, cfg:
     } else if early {
         stat(Stat::ClosedEarly);
     }
-    emit(EventKind::Verdict, reason, key, conn, now_ns);
+    emit(EventKind::Verdict, reason, key, conn, now_ns, false);
     if reason == Reason::Greeting && early && cfg.has(CfgFlags::TRACK_EARLY) {
         set_flags(conn, ConnFlags::GREETED);
         true
@@ -197,6 +200,6 @@ fn closed(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64) {
     if !claim(conn, ConnFlags::CLOSED) {
         return;
     }
-    emit(EventKind::Closed, reason, key, conn, now_ns);
+    emit(EventKind::Closed, reason, key, conn, now_ns, false);
     let _ = CONNS.remove(key);
 }

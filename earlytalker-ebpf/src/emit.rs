@@ -14,10 +14,11 @@ const WAKEUP_BYTES: u64 = 64 * 1024;
 const EVENT_RECORD_BYTES: u64 = (core::mem::size_of::<Event>() as u64 + 8 + 7) & !7;
 
 #[inline(always)]
-pub fn emit(kind: EventKind, reason: Reason, key: &ConnKey, conn: &Conn, now_ns: u64) {
+pub fn emit(kind: EventKind, reason: Reason, key: &ConnKey, conn: &Conn, now_ns: u64, wake: bool) {
     // Enforcement waits for the agent (it sends the reply), and so does a
     // held connection (its release is timed there): wake it now.
-    let urgent = kind == EventKind::Held
+    let urgent = wake
+        || kind == EventKind::Held
         || kind == EventKind::Early && conn.has(ConnFlags::DENY)
         || kind == EventKind::Verdict
             && reason == Reason::ClientFin

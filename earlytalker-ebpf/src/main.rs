@@ -258,7 +258,7 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
         return NEXT;
     };
     stat(Stat::Held);
-    emit(EventKind::Held, Reason::None, key, conn, now_ns);
+    emit(EventKind::Held, Reason::None, key, conn, now_ns, true);
     // A bot's first bytes may ride on this very ACK.
     ingress_held(ctx, seg, key, conn, &cfg, now_ns)
 }

@@ -78,6 +78,8 @@ pub struct Listen {
     pub backlog: i32,
     /// A slow MTA: this long between two accepts.
     pub accept_pause: Duration,
+    /// Accept TCP Fast Open (data in the SYN) on the listener.
+    pub fastopen: bool,
 }
 
 impl Listen {
@@ -87,6 +89,7 @@ impl Listen {
             greet_delay: Duration::ZERO,
             backlog: 128,
             accept_pause: Duration::ZERO,
+            fastopen: false,
         }
     }
 }
@@ -129,6 +132,23 @@ impl Responder {
             sock.set_only_v6(false)?;
             sock.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())
                 .context("responder bind")?;
+            if how.fastopen {
+                use std::os::fd::AsRawFd;
+                let qlen: nix::libc::c_int = 16;
+                // SAFETY: a valid socket and an int option of the right size.
+                let r = unsafe {
+                    nix::libc::setsockopt(
+                        sock.as_raw_fd(),
+                        nix::libc::IPPROTO_TCP,
+                        nix::libc::TCP_FASTOPEN,
+                        (&raw const qlen).cast(),
+                        std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+                    )
+                };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error()).context("TCP_FASTOPEN");
+                }
+            }
             sock.listen(how.backlog)?;
             let l: TcpListener = sock.into();
             l.set_nonblocking(true)?;
