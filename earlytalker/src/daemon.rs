@@ -8,12 +8,12 @@ use crate::{
     counts::Counts,
     diag::Diag,
     forge::Raw,
-    iface, listen,
+    iface, listen, listeners,
     loader::{self, Features, Guard},
     metrics, milter,
     output::{self, Out},
     passcache,
-    pipeline::Pipeline,
+    pipeline::{Hands, Pipeline},
     policy, privs, probe,
     release::{self, monotonic_ns, Releaser},
     status,
@@ -96,6 +96,13 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
     }
     // Asked before anything is attached, so the probe is never held.
     let advertised = probe::any_advertises(&settings.live.ports);
+    // Looked at while privileged (pidfd_getfd).
+    for d in listeners::deferring(&settings.live.ports) {
+        log::warn!(
+            "the listener on {} (pid {}, {}) sets TCP_DEFER_ACCEPT ({} s): it ignores the release, so a held client is served only at a SYN-ACK retransmission after the defer period, as without earlytalker; SMTP servers speak first and should not set it",
+            d.addr, d.pid, d.process, d.seconds
+        );
+    }
     let guard = Guard::load(
         &settings.fixed,
         &settings.live,
@@ -135,9 +142,11 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
     let pipeline = Pipeline::new(
         out,
         store,
-        Some(enforcer),
-        Some(releaser),
-        counts,
+        Hands {
+            enforcer: Some(enforcer),
+            releaser: Some(releaser),
+            counts,
+        },
         snap.clone(),
         &settings.live,
         grace,

@@ -9,6 +9,7 @@
 //! * the hold before accept: `release` (a thread that completes held handshakes
 //!   on time), with `forge` (segments the agent writes) and `diag` (sock_diag);
 //! * the kernel side: `loader` (load, configure, attach), `iface`, `privs`;
+//!   the MTA's listeners (an option that defeats the hold): `listeners`;
 //! * what the MTA and the operator ask: `policy`, `milter`, `opensmtpd` (a
 //!   filter OpenSMTPD runs), `listen`, `status`,
 //!   `metrics`; settings: `config`; the pass cache on disk: `passcache`.
@@ -22,6 +23,7 @@ pub mod events;
 pub mod forge;
 pub mod iface;
 pub mod listen;
+pub mod listeners;
 pub mod loader;
 pub mod metrics;
 pub mod milter;

@@ -23,6 +23,16 @@ use std::{
 /// counted.
 const REJECTS_LOGGED: usize = 16;
 
+/// What acts on the kernel's records beside logging: the enforcer (replies,
+/// teardown), the release thread, and the counters they share.
+pub struct Hands {
+    /// None only in unit tests (opening it needs CAP_NET_RAW).
+    pub enforcer: Option<Enforcer>,
+    /// None only in unit tests.
+    pub releaser: Option<Releaser>,
+    pub counts: Counts,
+}
+
 pub struct Pipeline {
     out: Out,
     dedupe: Dedupe,
@@ -44,9 +54,7 @@ impl Pipeline {
     pub fn new(
         out: Out,
         store: Arc<Mutex<Store>>,
-        enforcer: Option<Enforcer>,
-        releaser: Option<Releaser>,
-        counts: Counts,
+        hands: Hands,
         snap: status::Shared,
         live: &Live,
         grace_ns: u64,
@@ -59,9 +67,9 @@ impl Pipeline {
             dedupe: Dedupe::new(4096),
             tracker: Tracker::new(live.taken(), grace_ns, limit),
             store,
-            enforcer,
-            releaser,
-            counts,
+            enforcer: hands.enforcer,
+            releaser: hands.releaser,
+            counts: hands.counts,
             snap,
             action: live.action,
             defer_reject: live.defer_reject,
@@ -228,9 +236,11 @@ mod tests {
         let mut p = Pipeline::new(
             Out::new(crate::config::LogFormat::Json),
             store.clone(),
-            None,
-            None,
-            Counts::default(),
+            Hands {
+                enforcer: None,
+                releaser: None,
+                counts: Counts::default(),
+            },
             status::Shared::default(),
             &Live {
                 ports: vec![25],

@@ -80,6 +80,8 @@ pub struct Listen {
     pub accept_pause: Duration,
     /// Accept TCP Fast Open (data in the SYN) on the listener.
     pub fastopen: bool,
+    /// TCP_DEFER_ACCEPT seconds (0: off).
+    pub defer_accept: i32,
 }
 
 impl Listen {
@@ -90,6 +92,7 @@ impl Listen {
             backlog: 128,
             accept_pause: Duration::ZERO,
             fastopen: false,
+            defer_accept: 0,
         }
     }
 }
@@ -133,21 +136,11 @@ impl Responder {
             sock.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())
                 .context("responder bind")?;
             if how.fastopen {
-                use std::os::fd::AsRawFd;
-                let qlen: nix::libc::c_int = 16;
-                // SAFETY: a valid socket and an int option of the right size.
-                let r = unsafe {
-                    nix::libc::setsockopt(
-                        sock.as_raw_fd(),
-                        nix::libc::IPPROTO_TCP,
-                        nix::libc::TCP_FASTOPEN,
-                        (&raw const qlen).cast(),
-                        std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
-                    )
-                };
-                if r != 0 {
-                    return Err(std::io::Error::last_os_error()).context("TCP_FASTOPEN");
-                }
+                set_int(&sock, nix::libc::TCP_FASTOPEN, 16).context("TCP_FASTOPEN")?;
+            }
+            if how.defer_accept > 0 {
+                set_int(&sock, nix::libc::TCP_DEFER_ACCEPT, how.defer_accept)
+                    .context("TCP_DEFER_ACCEPT")?;
             }
             sock.listen(how.backlog)?;
             let l: TcpListener = sock.into();
@@ -215,6 +208,29 @@ impl Drop for Responder {
             let _ = h.join();
         }
     }
+}
+
+/// An int TCP option on a socket.
+fn set_int(
+    sock: &socket2::Socket,
+    opt: nix::libc::c_int,
+    v: nix::libc::c_int,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket and an int option of the right size.
+    let r = unsafe {
+        nix::libc::setsockopt(
+            sock.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            opt,
+            (&raw const v).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn serve(

@@ -497,3 +497,37 @@ fn h08_tcp_fast_open_data_is_early_talk() {
     assert_eq!(v["bytes"], 16, "{v}");
     agent.stop().unwrap();
 }
+
+#[test]
+fn h09_a_deferring_listener_is_named_and_still_served() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let resp = Responder::start_with(
+        &lab,
+        Listen {
+            defer_accept: 1,
+            ..Listen::new(PORT)
+        },
+    )
+    .unwrap();
+    let mut agent = Agent::start(&lab, &["-a", "log", "-w", "0.5"]).unwrap();
+    let err = agent.stderr();
+    assert!(
+        err.contains("TCP_DEFER_ACCEPT") && err.contains(":25 (pid "),
+        "not named: {err}"
+    );
+    // Served, never before the wait: once the client's answer to a SYN-ACK
+    // retransmission after the defer period gets through.
+    let got = polite_clients(&lab, 1, false, Duration::from_secs(10));
+    let h = &got[0];
+    let g = h
+        .greeted
+        .expect("a client of a deferring listener was never served");
+    assert!(g >= h.connecting + Duration::from_millis(500));
+    assert!(resp.session(h.port).is_some());
+    eprintln!(
+        "deferring listener: greeted {:?} after the handshake",
+        g - h.connected
+    );
+    agent.stop().unwrap();
+}

@@ -227,12 +227,18 @@ fn defer_reject_mode<M: Mta>(
     assert!(replies.len() <= 4, "went past RCPT: {replies:?}");
     let v = agent.verdict_for(port, Duration::from_secs(10)).unwrap();
     assert_eq!(v["action"], "defer", "{v}");
-    let log = mta.log();
-    // Refused at RCPT (the recipient is named) or at MAIL (the sender is).
+    // Refused at RCPT (the recipient is named) or at MAIL (the sender is). The
+    // MTA may write its log a moment after replying (Sendmail logs via syslog).
+    let refused = |log: &str| {
+        log.lines().any(|l| {
+            l.contains(REPLY_TEXT)
+                && (l.contains("victim@lab.example") || l.contains("bot@spam.example"))
+        })
+    };
     assert!(
-        log.lines().any(|l| l.contains(REPLY_TEXT)
-            && (l.contains("victim@lab.example") || l.contains("bot@spam.example"))),
-        "no refusal with our text in the MTA's log:\n{log}"
+        eventually(Duration::from_secs(3), || refused(&mta.log())),
+        "no refusal with our text in the MTA's log:\n{}",
+        mta.log()
     );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(mta.sink().delivered().len(), 1, "{}", mta.log());
