@@ -32,6 +32,14 @@ pub enum Server {
     Socket(u8),
 }
 
+/// A socket sock_diag answered with.
+struct Found {
+    id: SocketId,
+    state: u8,
+    recv_queue: u32,
+    send_queue: u32,
+}
+
 pub struct Diag {
     sock: NlSocket,
     seq: u32,
@@ -75,10 +83,31 @@ impl Diag {
         let found = self
             .exchange(false, request(&socket_id(client, server)))
             .context("looking up the server's socket")?;
-        Ok(
-            found
-                .filter(|(id, state)| *state != TCP_LISTEN && id.destination_port == client.port()),
-        )
+        Ok(found
+            .filter(|f| f.state != TCP_LISTEN && f.id.destination_port == client.port())
+            .map(|f| (f.id, f.state)))
+    }
+
+    /// The accept queue of the listener that serves `server`: (connections
+    /// waiting for accept(), its size), or None if nothing listens there. An
+    /// exact lookup for a peer that cannot exist (the unspecified address, port
+    /// 0) finds no connection and answers with the listener.
+    pub fn accept_queue(&mut self, server: SocketAddr) -> Result<Option<(u32, u32)>> {
+        let nobody = SocketAddr::new(
+            match server {
+                SocketAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            },
+            0,
+        );
+        let found = self
+            .exchange(false, request(&socket_id(nobody, server)))
+            .context("looking up the listener")?;
+        // For a listener, sock_diag reports the accept queue as rqueue and its
+        // size (the listen backlog, capped by somaxconn) as wqueue.
+        Ok(found
+            .filter(|f| f.state == TCP_LISTEN)
+            .map(|f| (f.recv_queue, f.send_queue)))
     }
 
     /// SOCK_DESTROY of the MTA's socket, identified by cookie so that nothing
@@ -98,8 +127,8 @@ impl Diag {
     }
 
     /// Sends one sock_diag request and reads the answer: for a query, the socket
-    /// found (its id and state); for a destroy, the ack.
-    fn exchange(&mut self, destroy: bool, req: InetRequest) -> Result<Option<(SocketId, u8)>> {
+    /// found; for a destroy, the ack.
+    fn exchange(&mut self, destroy: bool, req: InetRequest) -> Result<Option<Found>> {
         self.seq = self.seq.wrapping_add(1);
         let mut hdr = NetlinkHeader::default();
         hdr.flags = NLM_F_REQUEST | if destroy { NLM_F_ACK } else { 0 };
@@ -129,9 +158,12 @@ impl Diag {
                 continue;
             }
             return match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    Ok(Some((r.header.socket_id.clone(), r.header.state)))
-                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => Ok(Some(Found {
+                    id: r.header.socket_id.clone(),
+                    state: r.header.state,
+                    recv_queue: r.header.recv_queue,
+                    send_queue: r.header.send_queue,
+                })),
                 NetlinkPayload::Error(e) => match e.code {
                     None => Ok(None),
                     // ENOENT: no such socket.

@@ -8,9 +8,11 @@
 //!
 //! * Fresh state: the kernel's entry is read just before each send (and each
 //!   re-send), so a client that talked, hung up or was denied is never connected.
-//! * Paced: at most IN_FLIGHT connections are released and not yet greeted, so a
-//!   burst of releases never overflows the MTA's accept queue (a SYN cookie whose
-//!   ACK is dropped there has nothing to retransmit it).
+//! * Paced by the MTA's accept queue: a release is sent only while the listener's
+//!   queue of connections waiting for accept() is under half its size (read with
+//!   sock_diag), so a burst never overflows it (a SYN cookie whose ACK is dropped
+//!   there has nothing to retransmit it), and a slow greeting (an MTA resolving
+//!   the client's name) holds nobody else back.
 //! * Checked: a release the MTA has not greeted within CHECK_AFTER is looked up
 //!   with sock_diag; if the handshake is still not complete, it is sent again
 //!   with back-off, up to TRIES times.
@@ -37,21 +39,22 @@ use std::{
     time::Duration,
 };
 
-/// Released and not yet greeted, at most (0 listen overflows measured with a
-/// slow MTA at 50; a burst of 300 overflowed).
-pub const IN_FLIGHT: usize = 50;
+/// Releases fill a listener's accept queue to at most 1/QUEUE_SHARE of its size
+/// (half: the MTA's other clients, not held, need room too).
+const QUEUE_SHARE: u32 = 2;
+/// Releases sent without asking when the listener cannot be looked up.
+const BLIND_ROOM: u32 = 50;
 /// First look at a release the MTA has not greeted; doubled for each re-send.
 const CHECK_AFTER_NS: u64 = 20_000_000;
 /// Sends of one release, at most.
 const TRIES: u32 = 5;
-/// An accepted connection stops counting against IN_FLIGHT after this long even
-/// if the MTA has not greeted it yet (it may be resolving the client's name).
+/// An accepted connection is watched this long for its greeting at most (the
+/// MTA may be resolving the client's name); after that it is the MTA's.
 const ACCEPTED_MAX_NS: u64 = 2_000_000_000;
 /// The longest sleep when nothing is due (stop requests still wake it at once).
 const IDLE: Duration = Duration::from_secs(1);
-/// How often releases in flight are looked up (a map read each) while more
-/// are waiting for a slot, so a greeted one frees its slot promptly.
-const SLOT_POLL_NS: u64 = 500_000;
+/// How soon a full accept queue is looked at again.
+const QUEUE_POLL_NS: u64 = 250_000;
 
 pub fn monotonic_ns() -> u64 {
     // Same clock as bpf_ktime_get_ns.
@@ -145,6 +148,8 @@ struct Worker {
     p: Parts,
     due: BinaryHeap<Reverse<Due>>,
     flight: Vec<Flight>,
+    /// Set when the next due release waits for room in an accept queue.
+    queue_full: bool,
     /// Errors are logged once each (a broken raw socket would fail every send).
     logged: std::collections::HashSet<String>,
 }
@@ -163,6 +168,7 @@ impl Worker {
             p,
             due: BinaryHeap::new(),
             flight: Vec::new(),
+            queue_full: false,
             logged: Default::default(),
         }
     }
@@ -195,13 +201,13 @@ impl Worker {
     }
 
     fn next_wake(&self) -> Option<u64> {
-        let release = if self.flight.len() < IN_FLIGHT {
-            self.due.peek().map(|d| d.0.at)
-        } else {
-            // Full: look again soon whether a slot is free (if anything is due).
+        let release = if self.queue_full {
+            // Look again soon whether the MTA has accepted some.
             self.due
                 .peek()
-                .map(|d| d.0.at.max(monotonic_ns() + SLOT_POLL_NS))
+                .map(|d| d.0.at.max(monotonic_ns() + QUEUE_POLL_NS))
+        } else {
+            self.due.peek().map(|d| d.0.at)
         };
         let check = self.flight.iter().map(|f| f.check_ns).min();
         match (release, check) {
@@ -220,19 +226,35 @@ impl Worker {
     }
 
     fn release_due(&mut self, now: u64) {
-        while self.flight.len() < IN_FLIGHT {
-            match self.due.peek() {
-                Some(d) if d.0.at <= now => {}
+        self.queue_full = false;
+        // Room in each listener's accept queue, looked up once per round.
+        let mut room: std::collections::HashMap<std::net::SocketAddr, u32> = Default::default();
+        loop {
+            let key = match self.due.peek() {
+                Some(d) if d.0.at <= now => d.0.key,
                 _ => return,
-            }
-            let Some(Reverse(d)) = self.due.pop() else {
-                return;
             };
-            if let State::Held(c) = self.state(&d.key) {
-                if self.send(&d.key, &c, now) {
+            let server = server_of(&key);
+            let left = match room.get(&server) {
+                Some(n) => *n,
+                None => {
+                    let n = self.room(server);
+                    room.insert(server, n);
+                    n
+                }
+            };
+            if left == 0 {
+                // In deadline order: the rest waits for this listener too.
+                self.queue_full = true;
+                return;
+            }
+            self.due.pop();
+            if let State::Held(c) = self.state(&key) {
+                if self.send(&key, &c, now) {
                     self.p.counts.add(AgentStat::Released);
+                    room.insert(server, left - 1);
                     self.flight.push(Flight {
-                        key: d.key,
+                        key,
                         first_ns: now,
                         tries: 1,
                         check_ns: now + CHECK_AFTER_NS,
@@ -242,24 +264,33 @@ impl Worker {
         }
     }
 
+    /// How many more releases `server`'s listener can take now.
+    fn room(&mut self, server: std::net::SocketAddr) -> u32 {
+        match self.p.diag.accept_queue(server) {
+            Ok(Some((queued, size))) => (size / QUEUE_SHARE).max(1).saturating_sub(queued),
+            // Nothing listens: the release completes nothing, but costs nothing.
+            Ok(None) => BLIND_ROOM,
+            Err(e) => {
+                self.once(format!("reading the accept queue of {server}: {e:#}"));
+                BLIND_ROOM
+            }
+        }
+    }
+
     /// Releases the MTA has not greeted yet: still a request socket (or an
     /// uncompleted cookie) means the ACK was lost (an accept queue full, say):
     /// sent again from fresh state.
     fn check(&mut self, now: u64) {
-        // Only worth a map read per release in flight when a slot is wanted.
-        let wanted =
-            self.flight.len() >= IN_FLIGHT && self.due.peek().is_some_and(|d| d.0.at <= now);
         let mut i = 0;
         while i < self.flight.len() {
             let f = &self.flight[i];
-            if now < f.check_ns && !wanted {
+            if now < f.check_ns {
                 i += 1;
                 continue;
             }
-            let (key, overdue) = (f.key, now >= f.check_ns);
+            let key = f.key;
             let keep = match self.state(&key) {
                 State::Done => false,
-                State::Held(_) if !overdue => true,
                 State::Held(c) => self.recheck(i, &key, &c, now),
             };
             if keep {

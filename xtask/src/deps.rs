@@ -26,7 +26,7 @@ pub fn build_packages(llvm_major: u32) -> Vec<String> {
 /// clients (swaks, msmtp, curl, Python's smtplib), systemd-analyze for the
 /// shipped unit, and m4 (Sendmail's configuration is built with it).
 pub const TEST_PACKAGES: &[&str] = &[
-    "iproute2", "swaks", "msmtp", "curl", "python3", "systemd", "m4",
+    "iproute2", "swaks", "msmtp", "curl", "python3", "systemd", "m4", "nftables",
 ];
 
 /// An MTA the suite runs from a private copy.
