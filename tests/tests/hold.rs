@@ -531,3 +531,83 @@ fn h09_a_deferring_listener_is_named_and_still_served() {
     );
     agent.stop().unwrap();
 }
+
+/// Drops segments to port 25 arriving on the server namespace's loopback (the
+/// agent's releases, and its repeated SYN) while it lives: a release lost.
+struct LoseReleases<'a>(&'a Lab);
+
+impl<'a> LoseReleases<'a> {
+    fn start(lab: &'a Lab) -> Self {
+        let rules = "table inet et_lose { chain input { type filter hook input priority 0; \
+                     iifname \"lo\" tcp dport 25 drop; }; }";
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.server_ns, "nft", rules])
+            .status()
+            .expect("nft (cargo xtask test installs nftables)");
+        assert!(st.success(), "nft refused the rule");
+        LoseReleases(lab)
+    }
+}
+
+impl Drop for LoseReleases<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.0.server_ns,
+                "nft",
+                "delete table inet et_lose",
+            ])
+            .status();
+    }
+}
+
+#[test]
+fn h10_a_lost_release_is_sent_again_and_the_worst_case_is_bounded() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let wait = Duration::from_millis(500);
+    // Lost for the first 150 ms after the deadline: a re-send gets through.
+    let mut agent = Agent::start(&lab, &["-a", "log", "-w", "0.5"]).unwrap();
+    let got = thread::scope(|sc| {
+        let h = sc.spawn(|| polite_clients(&lab, 1, false, Duration::from_secs(10)));
+        thread::sleep(Duration::from_millis(300));
+        let lose = LoseReleases::start(&lab);
+        thread::sleep(Duration::from_millis(350));
+        drop(lose);
+        h.join().unwrap()
+    });
+    let h = &got[0];
+    let after = h.greeted.expect("greeted") - h.connected;
+    eprintln!("release lost for ~150 ms: greeted {after:?} after the handshake");
+    assert!(after >= wait + Duration::from_millis(100), "{after:?}");
+    assert!(after < wait + Duration::from_millis(700), "{after:?}");
+    assert!(resp.session(h.port).is_some());
+    agent.stop().unwrap();
+    let stopped = &agent.events("stopped")[0];
+    assert!(
+        stopped["release_retries"].as_u64().unwrap() >= 1,
+        "{stopped}"
+    );
+    assert_eq!(stopped["releases_abandoned"], 0, "{stopped}");
+
+    // Every try lost: the release is abandoned, and the client's own answer to
+    // the server's next SYN-ACK retransmission (3 s after its SYN) completes the
+    // handshake once the release's grace has passed: the worst case.
+    let mut agent = Agent::start(&lab, &["-a", "log", "-w", "0.5"]).unwrap();
+    let lose = LoseReleases::start(&lab);
+    let got = polite_clients(&lab, 1, false, Duration::from_secs(10));
+    drop(lose);
+    let h = &got[0];
+    let after = h.greeted.expect("greeted in the worst case") - h.connecting;
+    eprintln!("every release lost: greeted {after:?} after connect()");
+    assert!(
+        after > Duration::from_millis(2900) && after < Duration::from_millis(3500),
+        "{after:?}"
+    );
+    agent.stop().unwrap();
+    let stopped = &agent.events("stopped")[0];
+    assert_eq!(stopped["releases_abandoned"], 1, "{stopped}");
+}
