@@ -201,7 +201,8 @@ fn note_client_ack(ctx: &TcContext, seg: &Seg, conn: &mut Conn) {
     conn.client_win = parse::window(ctx, seg);
     if let Some((tsval, _)) = Opts::of(seg).timestamps(ctx) {
         conn.client_ts = tsval;
-        conn.flags |= ConnFlags::CLIENT_TS.bits();
+        // Atomic: egress may set flags on the same entry at once.
+        set_flags(conn, ConnFlags::CLIENT_TS);
     }
 }
 

@@ -79,6 +79,8 @@ pub struct Parts {
 pub struct Releaser {
     tx: Sender<Msg>,
     thread: Option<JoinHandle<()>>,
+    /// The thread is gone (logged once).
+    dead: std::cell::Cell<bool>,
 }
 
 impl Releaser {
@@ -91,12 +93,17 @@ impl Releaser {
         Ok(Releaser {
             tx,
             thread: Some(thread),
+            dead: std::cell::Cell::new(false),
         })
     }
 
     /// A connection the kernel holds until `at_ns` (CLOCK_MONOTONIC).
     pub fn hold(&self, key: ConnKey, at_ns: u64) {
-        let _ = self.tx.send(Msg::Hold(key, at_ns));
+        if self.tx.send(Msg::Hold(key, at_ns)).is_err() && !self.dead.replace(true) {
+            // Held clients then wait for their own answer to the server's next
+            // SYN-ACK retransmission (at most 1, 2, 4… s late): said once.
+            log::error!("the release thread has stopped; held clients are released late");
+        }
     }
 
     /// Releases every connection still held, now. Call after detaching the
