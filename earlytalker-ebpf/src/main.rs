@@ -147,9 +147,23 @@ fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -
         // the agent's release never came).
         set_flags(conn, ConnFlags::OPENED);
     }
+    unheld(ctx, seg, key, conn, &cfg, now_ns)
+}
+
+/// A client segment that reaches the server: its bytes before the greeting are
+/// early talk; its FIN is noted.
+#[inline(always)]
+fn unheld(
+    ctx: &TcContext,
+    seg: &Seg,
+    key: &ConnKey,
+    conn: &mut Conn,
+    cfg: &Config,
+    now_ns: u64,
+) -> i32 {
     let mut act = NEXT;
     if seg.payload_len > 0 {
-        act = client_data(ctx, seg, key, conn, &cfg, now_ns);
+        act = client_data(ctx, seg, key, conn, cfg, now_ns);
     }
     if seg.fin {
         set_flags(conn, ConnFlags::CLIENT_FIN);
@@ -236,13 +250,7 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     apply_pass_cache(key, conn, &cfg, now_ns);
     if cfg.wait_ns == 0 || conn.has(ConnFlags::PASS_CACHED) {
         // Not held: watched for bytes that race the greeting.
-        let mut act = NEXT;
-        if seg.payload_len > 0 {
-            act = client_data(ctx, seg, key, conn, &cfg, now_ns);
-        }
-        if seg.fin {
-            conn.flags |= ConnFlags::CLIENT_FIN.bits();
-        }
+        let act = unheld(ctx, seg, key, conn, &cfg, now_ns);
         if !maps::track(key, conn) {
             // Untracked from here on: fail open.
             return NEXT;

@@ -66,6 +66,18 @@ fn ip(from: SocketAddr, to: SocketAddr) -> Result<PacketBuilderStep<etherparse::
     })
 }
 
+/// A TCP segment from the server to the client of `key`.
+fn to_client(key: &ConnKey, seq: u32, window: u16) -> Result<PacketBuilderStep<TcpHeader>> {
+    let (client, server) = (client_of(key), server_of(key));
+    Ok(ip(server, client)?.tcp(server.port(), client.port(), seq, window))
+}
+
+/// A TCP segment from the client of `key` to the server.
+fn to_server(key: &ConnKey, seq: u32, window: u16) -> Result<PacketBuilderStep<TcpHeader>> {
+    let (client, server) = (client_of(key), server_of(key));
+    Ok(ip(client, server)?.tcp(client.port(), server.port(), seq, window))
+}
+
 fn finish(b: PacketBuilderStep<TcpHeader>, payload: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload)
@@ -76,43 +88,25 @@ fn finish(b: PacketBuilderStep<TcpHeader>, payload: &[u8]) -> Result<Vec<u8>> {
 /// The reply to a denied client: IP + TCP(ACK, PSH, FIN) + one SMTP reply line,
 /// starting where the greeting would have and acknowledging all its bytes.
 pub fn reply(key: &ConnKey, conn: &Conn, action: Action) -> Result<Vec<u8>> {
-    let (client, server) = (client_of(key), server_of(key));
-    let payload = reply_line(action);
-    let b = ip(server, client)?
-        .tcp(
-            server.port(),
-            client.port(),
-            conn.server_isn.wrapping_add(1),
-            64240,
-        )
+    let b = to_client(key, conn.server_isn.wrapping_add(1), 64240)?
         .ack(conn.client_end)
         .psh()
         .fin();
-    finish(b, payload.as_bytes())
+    finish(b, reply_line(action).as_bytes())
 }
 
 /// A RST to a held client that hung up (the server never accepted it).
 pub fn client_reset(key: &ConnKey, conn: &Conn) -> Result<Vec<u8>> {
-    let (client, server) = (client_of(key), server_of(key));
-    let b = ip(server, client)?
-        .tcp(
-            server.port(),
-            client.port(),
-            conn.server_isn.wrapping_add(1),
-            0,
-        )
-        .rst();
-    finish(b, &[])
+    finish(
+        to_client(key, conn.server_isn.wrapping_add(1), 0)?.rst(),
+        &[],
+    )
 }
 
 /// A RST from the client to the server's request socket: in its window (the
 /// client's ISN + 1, no data taken), so the kernel drops the request.
 pub fn server_reset(key: &ConnKey, conn: &Conn) -> Result<Vec<u8>> {
-    let (client, server) = (client_of(key), server_of(key));
-    let b = ip(client, server)?
-        .tcp(client.port(), server.port(), conn.client_base, 0)
-        .rst();
-    finish(b, &[])
+    finish(to_server(key, conn.client_base, 0)?.rst(), &[])
 }
 
 /// The client's SYN again, for a request socket that has sent only one SYN-ACK:
@@ -120,15 +114,7 @@ pub fn server_reset(key: &ConnKey, conn: &Conn) -> Result<Vec<u8>> {
 /// request with a retransmitted SYN-ACK is not timed (Karn), so the accepted
 /// socket's first RTT sample is not the hold. No options: none are checked.
 pub fn syn_again(key: &ConnKey, conn: &Conn) -> Result<Vec<u8>> {
-    let (client, server) = (client_of(key), server_of(key));
-    let b = ip(client, server)?
-        .tcp(
-            client.port(),
-            server.port(),
-            conn.client_base.wrapping_sub(1),
-            conn.client_win,
-        )
-        .syn();
+    let b = to_server(key, conn.client_base.wrapping_sub(1), conn.client_win)?.syn();
     finish(b, &[])
 }
 
@@ -145,15 +131,7 @@ pub fn syn_again(key: &ConnKey, conn: &Conn) -> Result<Vec<u8>> {
 ///   the time since the handshake, never past the server's clock, so the RTT
 ///   sample stays under 64 ms.
 pub fn release_ack(key: &ConnKey, conn: &Conn, now_ns: u64) -> Result<Vec<u8>> {
-    let (client, server) = (client_of(key), server_of(key));
-    let b = ip(client, server)?
-        .tcp(
-            client.port(),
-            server.port(),
-            conn.client_base,
-            conn.client_win,
-        )
-        .ack(conn.server_isn.wrapping_add(1));
+    let b = to_server(key, conn.client_base, conn.client_win)?.ack(conn.server_isn.wrapping_add(1));
     let b = if conn.has(ConnFlags::COOKIE) && conn.has(ConnFlags::CLIENT_TS) {
         let held_ms = now_ns.saturating_sub(conn.established_ns) / 1_000_000;
         let echo = conn.synack_ts.wrapping_add((held_ms & !63) as u32);

@@ -330,6 +330,19 @@ impl Model {
         Some(NEXT)
     }
 
+    /// A client segment that reaches the server.
+    fn unheld(&mut self, p: &[u8], seg: &Seg, key: Key, mut c: ConnView) -> u32 {
+        let mut act = NEXT;
+        if seg.payload_len > 0 {
+            act = self.client_data(p, seg, key, &mut c);
+        }
+        if seg.fin {
+            c.flags |= F_CLIENT_FIN;
+        }
+        self.conns.insert(key, c);
+        act
+    }
+
     /// A client segment while held (the release time never comes in a run:
     /// the wait is longer than any run, or zero and nothing is held).
     fn held(&mut self, p: &[u8], seg: &Seg, key: Key, mut c: ConnView) -> u32 {
@@ -390,7 +403,7 @@ impl Model {
             self.conns.insert(key, c);
             return NEXT;
         }
-        if let Some(mut c) = self.conns.get(&key).cloned() {
+        if let Some(c) = self.conns.get(&key).cloned() {
             if let Some(act) = self.settled(&seg, key, &c, R_CLIENT_RST, R_CLIENT_FIN) {
                 return act;
             }
@@ -401,15 +414,7 @@ impl Model {
             if c.flags & F_HELD != 0 && c.flags & F_OPENED == 0 {
                 return self.held(p, &seg, key, c);
             }
-            let mut act = NEXT;
-            if seg.payload_len > 0 {
-                act = self.client_data(p, &seg, key, &mut c);
-            }
-            if seg.fin {
-                c.flags |= F_CLIENT_FIN;
-            }
-            self.conns.insert(key, c);
-            return act;
+            return self.unheld(p, &seg, key, c);
         }
         if !seg.ack || seg.rst {
             return NEXT;
@@ -434,15 +439,7 @@ impl Model {
             c.flags |= F_PASS_CACHED;
         }
         if self.wait_zero || c.flags & F_PASS_CACHED != 0 {
-            let mut act = NEXT;
-            if seg.payload_len > 0 {
-                act = self.client_data(p, &seg, key, &mut c);
-            }
-            if seg.fin {
-                c.flags |= F_CLIENT_FIN;
-            }
-            self.conns.insert(key, c);
-            return act;
+            return self.unheld(p, &seg, key, c);
         }
         // Held before accept: the agent hears of it, and this ACK is withheld.
         c.flags |= F_HELD;
