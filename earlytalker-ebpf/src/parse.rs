@@ -329,7 +329,11 @@ impl Opts {
             return None;
         }
         if kind == OPT_NOP {
-            return Some(Opt { at: i, kind, len: 1 });
+            return Some(Opt {
+                at: i,
+                kind,
+                len: 1,
+            });
         }
         let [len] = self.load::<1>(ctx, 21 + i)?;
         let len = u32::from(len);

@@ -156,7 +156,7 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Vec<u16>,
 
-    /// Seconds to hold the greeting after the handshake; decimals allowed, 0 = no hold [default: 1]
+    /// Seconds to hold each new connection after its handshake, before the MTA can accept it; decimals allowed, at most 60, 0 = no hold [default: 1]
     #[arg(short, long, value_name = "SECONDS", value_parser = parse_wait,
           allow_negative_numbers = true)]
     pub wait: Option<Duration>,

@@ -285,7 +285,7 @@ impl Daemon {
         self.refresh(true, true);
         self.out.started(&self.s, &self.features, self.advertised);
         log::info!(
-            "watching {} on port(s) {:?}; greeting held {} s (this kernel allows up to {} s)",
+            "watching {} on port(s) {:?}; new connections held {} s before the MTA may accept them (this kernel allows up to {} s)",
             self.s.fixed.ifaces.join(", "),
             self.s.live.ports,
             config::secs(self.s.live.wait),

@@ -227,7 +227,8 @@ impl Guard {
         Ok(n)
     }
 
-    /// Tracked connections and how many of them have a greeting held right now.
+    /// Tracked connections and how many of them are held right now (before the
+    /// MTA could accept them).
     pub fn conn_fill(&self, now_ns: u64) -> (u64, u64) {
         let Some(map) = self.ebpf.map(MAP_CONNS) else {
             return (0, 0);
@@ -238,7 +239,10 @@ impl Guard {
         let (mut n, mut held) = (0, 0);
         for (_, c) in m.iter().filter_map(Result::ok) {
             n += 1;
-            if !c.has(ConnFlags::GREETED | ConnFlags::DENY) && now_ns < c.release_ns {
+            if c.has(ConnFlags::HELD)
+                && !c.has(ConnFlags::OPENED | ConnFlags::DENY | ConnFlags::REPORTED)
+                && now_ns < c.release_ns
+            {
                 held += 1;
             }
         }

@@ -49,7 +49,7 @@ pub fn render(s: &Snapshot) -> String {
     );
     reg.register(
         "greetings_held",
-        "Greetings being held right now",
+        "Connections held right now, before the MTA could accept them (their greeting not yet sent)",
         ConstGauge::new(s.held_now as i64),
     );
     let entries = Family::<Vec<(String, String)>, Gauge>::default();
