@@ -406,10 +406,7 @@ impl Daemon {
         if let Some(r) = releaser {
             r.stop();
         }
-        let mut c: Vec<(&'static str, u64)> =
-            kernel.iter().map(|(st, v)| (st.name(), *v)).collect();
-        c.extend(pipeline.counts.list());
-        out.stopped(&c);
+        out.stopped(&counter_list(&kernel, &pipeline.counts));
         let f = &s.fixed;
         for p in [&f.policy_socket, &f.milter_socket].into_iter().flatten() {
             let _ = std::fs::remove_file(p);
@@ -420,9 +417,7 @@ impl Daemon {
 
     /// The kernel's counters (as read), then the agent's, by name.
     fn counters(&self, kernel: &[(Stat, u64)]) -> Vec<(&'static str, u64)> {
-        let mut c: Vec<(&'static str, u64)> = kernel.iter().map(|(s, v)| (s.name(), *v)).collect();
-        c.extend(self.pipeline.counts.list());
-        c
+        counter_list(kernel, &self.pipeline.counts)
     }
 
     /// Refreshes what status and metrics show; `conns` also walks the connection
@@ -519,6 +514,13 @@ impl Daemon {
             Err(e) => log::warn!("pass cache not restored: {e:#}"),
         }
     }
+}
+
+/// The kernel's counters (as read), then the agent's, by name.
+fn counter_list(kernel: &[(Stat, u64)], agent: &Counts) -> Vec<(&'static str, u64)> {
+    let mut c: Vec<(&'static str, u64)> = kernel.iter().map(|(s, v)| (s.name(), *v)).collect();
+    c.extend(agent.list());
+    c
 }
 
 /// A thread that asks the MTA whether it advertises PIPECONNECT every
