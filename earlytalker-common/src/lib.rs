@@ -122,6 +122,13 @@ impl Conn {
             && self.payload[4] == b' '
     }
 
+    /// Whether the server holds only a request socket (or a cookie) for this
+    /// connection: held, and no client segment has completed its handshake.
+    #[inline(always)]
+    pub fn before_accept(&self) -> bool {
+        self.has(ConnFlags::HELD) && !self.has(ConnFlags::OPENED)
+    }
+
     /// Client payload bytes before the greeting (sequence space, wraps).
     pub fn early_bytes(&self) -> u32 {
         self.client_end.wrapping_sub(self.client_base)

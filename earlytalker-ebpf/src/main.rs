@@ -128,7 +128,7 @@ fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -
         let _ = verdict(key, conn, Reason::ClientRst, now_ns, &cfg);
         return NEXT;
     }
-    if conn.has(ConnFlags::HELD) && !conn.has(ConnFlags::OPENED) {
+    if conn.before_accept() {
         if now_ns < conn.release_ns {
             return ingress_held(ctx, seg, key, conn, &cfg, now_ns);
         }

@@ -28,12 +28,6 @@ pub fn reply_line(action: Action) -> String {
     format!("{code} {REPLY_TEXT}\r\n")
 }
 
-/// Whether the server holds only a request socket (or a cookie) for `conn`:
-/// held, and no client segment has completed its handshake yet.
-pub fn before_accept(conn: &Conn) -> bool {
-    conn.has(ConnFlags::HELD) && !conn.has(ConnFlags::OPENED)
-}
-
 pub struct Enforcer {
     raw: Raw,
     diag: Diag,
@@ -89,7 +83,7 @@ impl Enforcer {
     /// Drops the server's side of a denied connection.
     fn forget(&mut self, key: &ConnKey, conn: &Conn) -> Result<()> {
         let (client, server) = (client_of(key), server_of(key));
-        if before_accept(conn) {
+        if conn.before_accept() {
             self.reset_request(key, conn)
                 .map_err(|e| anyhow!("resetting the request socket: {e:#}"))?;
             // Racing the release, the MTA may have it already: tear that down too.

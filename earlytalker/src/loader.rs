@@ -239,8 +239,8 @@ impl Guard {
         let (mut n, mut held) = (0, 0);
         for (_, c) in m.iter().filter_map(Result::ok) {
             n += 1;
-            if c.has(ConnFlags::HELD)
-                && !c.has(ConnFlags::OPENED | ConnFlags::DENY | ConnFlags::REPORTED)
+            if c.before_accept()
+                && !c.has(ConnFlags::DENY | ConnFlags::REPORTED)
                 && now_ns < c.release_ns
             {
                 held += 1;

@@ -3,7 +3,7 @@
 //! and ticks, and tells it when the policy changes.
 
 use crate::{
-    actions::{before_accept, Enforcer},
+    actions::Enforcer,
     config::{Action, Live, Taken},
     counts::{AgentStat, Counts},
     events::{self, client_of, decode, server_of, DecodeError, Dedupe, End, Kind, Record, Tracker},
@@ -133,7 +133,7 @@ impl Pipeline {
                 return;
             }
             EventKind::Verdict
-                if r.reason == earlytalker_common::Reason::ClientFin && before_accept(&r.conn) =>
+                if r.reason == earlytalker_common::Reason::ClientFin && r.conn.before_accept() =>
             {
                 // Hung up while held: the request socket goes, the client gets
                 // a RST for its FIN.

@@ -22,7 +22,6 @@
 //!   retransmission.
 
 use crate::{
-    actions::before_accept,
     counts::{AgentStat, Counts},
     diag::{Diag, Server},
     events::{client_of, server_of},
@@ -225,7 +224,7 @@ impl Worker {
 
     fn state(&self, key: &ConnKey) -> State {
         match self.p.conns.get(key, 0) {
-            Ok(c) if before_accept(&c) && !c.has(ConnFlags::DENY | ConnFlags::REPORTED) => {
+            Ok(c) if c.before_accept() && !c.has(ConnFlags::DENY | ConnFlags::REPORTED) => {
                 State::Held(c)
             }
             _ => State::Done,
