@@ -88,7 +88,7 @@ fn deny_case(v6: bool, action: &str, code: &str) {
     // A polite client right after is untouched.
     let seen = lab.client(server, Manner::Polite);
     assert!(seen.greeting.starts_with("220 lab.example"));
-    assert!(seen.greeting_after >= Duration::from_secs(1));
+    assert!(seen.since_connect_call >= Duration::from_secs(1));
 }
 
 #[test]

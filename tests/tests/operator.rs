@@ -69,9 +69,9 @@ fn o2_pass_cache_holds_a_polite_client_once_and_survives_restart() {
     let mut agent = Agent::start(&lab, &args).unwrap();
     let first = lab.client(server(&lab), Manner::Polite);
     assert!(
-        first.greeting_after >= Duration::from_millis(1000),
+        first.since_connect_call >= Duration::from_millis(1000),
         "{:?}",
-        first.greeting_after
+        first.since_connect_call
     );
     let second = lab.client(server(&lab), Manner::Polite);
     assert!(
@@ -101,9 +101,9 @@ fn o2_pass_cache_holds_a_polite_client_once_and_survives_restart() {
     );
     let fourth = lab.client(server(&lab), Manner::Polite);
     assert!(
-        fourth.greeting_after >= Duration::from_millis(1000),
+        fourth.since_connect_call >= Duration::from_millis(1000),
         "{:?}",
-        fourth.greeting_after
+        fourth.since_connect_call
     );
     agent.stop().unwrap();
     assert!(lab.state_dir().join("pass-cache.json").exists());
