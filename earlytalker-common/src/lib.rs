@@ -25,6 +25,7 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_ALLOW: &str = "ALLOW";
 pub const MAP_PASSED: &str = "PASSED";
+pub const MAP_TRACKED: &str = "TRACKED";
 
 /// Program names, as the agent and the bench look them up.
 pub const PROG_INGRESS: &str = "et_ingress";
@@ -45,6 +46,30 @@ pub const DEFAULT_MAX_PASSED: u32 = 131_072;
 /// PORTS is a 65,536-bit bitmap in u64 words: one array lookup per packet.
 pub const PORT_WORDS: u32 = 1024;
 
+/// TRACKED: a counting filter in front of CONNS and HANDSHAKES, so that a
+/// segment of a connection in neither (every segment after the greeting) costs
+/// one array load instead of two hash-table misses. Each bucket counts the
+/// entries of both maps whose key hashes there (`tracked_bucket`): 0 is an exact
+/// "not tracked". The kernel adds before it inserts and subtracts after it
+/// removes, so a count is never below the truth; entries the LRU maps evict
+/// leave it above, which only costs look-ups until the agent repairs it.
+pub const TRACKED_BITS: u32 = 13;
+pub const TRACKED_BUCKETS: u32 = 1 << TRACKED_BITS;
+/// A bucket is `changes << 32 | count`: every change moves the upper half, so
+/// the agent's repair (a compare-and-swap) fails on any concurrent change.
+pub const TRACKED_ADD: u64 = (1 << 32) | 1;
+/// Adds 2^32 - 1: count - 1 and changes + 1 (the count is >= 1 here).
+pub const TRACKED_SUB: u64 = (1 << 32) - 1;
+
+/// The TRACKED bucket of a connection, from the client's address (as four
+/// native-order words of the mapped address) and both ports: Fibonacci hashing.
+#[inline(always)]
+pub fn tracked_bucket(client: [u32; 4], client_port: u16, server_port: u16) -> u32 {
+    let a = client[0] ^ client[1] ^ client[2] ^ client[3];
+    let x = (u64::from(a) << 32) | (u64::from(client_port) << 16) | u64::from(server_port);
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - TRACKED_BITS)) as u32
+}
+
 /// skb->mark of the agent's own reply segments, which egress lets through.
 pub const REPLY_MARK: u32 = 0x6574_616c; // "etal"
 
@@ -60,6 +85,20 @@ pub struct ConnKey {
     pub server_port: u16,
     /// Always zero: hash keys must not carry stray padding bytes.
     pub pad: u32,
+}
+
+impl ConnKey {
+    /// Its TRACKED bucket.
+    #[inline(always)]
+    pub fn bucket(&self) -> u32 {
+        let a = &self.client_addr;
+        let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        tracked_bucket(
+            [w(0), w(4), w(8), w(12)],
+            self.client_port,
+            self.server_port,
+        )
+    }
 }
 
 /// Tracked state of a connection until its greeting has left the server.

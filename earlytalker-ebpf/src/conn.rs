@@ -4,7 +4,7 @@
 
 use crate::{
     emit::emit,
-    maps::{self, stat, CONNS},
+    maps::{self, stat},
     parse::{seq_after, Seg},
     NEXT,
 };
@@ -166,7 +166,7 @@ pub fn verdict(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64, cfg:
         set_flags(conn, ConnFlags::GREETED);
         true
     } else {
-        let _ = CONNS.remove(key);
+        maps::untrack(key);
         false
     }
 }
@@ -201,5 +201,5 @@ fn closed(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64) {
         return;
     }
     emit(EventKind::Closed, reason, key, conn, now_ns, false);
-    let _ = CONNS.remove(key);
+    maps::untrack(key);
 }

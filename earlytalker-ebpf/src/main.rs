@@ -39,7 +39,7 @@ use earlytalker_common::{
     CfgFlags, Config, Conn, ConnFlags, ConnKey, EventKind, Handshake, Reason, Stat, REPLY_MARK,
 };
 use emit::emit;
-use maps::{config, conn_mut, now, stat, CONNS, HANDSHAKES};
+use maps::{config, conn_mut, maybe_tracked, now, stat, CONNS, HANDSHAKES};
 use parse::{parse, Dir, Opts, Seg};
 
 /// "No opinion": TCX_NEXT. TC_ACT_OK would be TCX_PASS, which ends the TCX chain
@@ -62,11 +62,16 @@ fn ingress(ctx: &TcContext) -> i32 {
     let Some(seg) = parse(ctx, Dir::Ingress) else {
         return NEXT;
     };
-    let key = seg.key(Dir::Ingress);
+    let tracked = maybe_tracked(seg.bucket(Dir::Ingress));
     // The clock and the config are read only on the paths that use them: most
-    // segments of a watched port need nothing but a lookup.
+    // segments of a watched port need nothing but the filter's answer.
+    if !tracked && !seg.syn {
+        // In neither map: a session under way, or older than the agent.
+        return NEXT;
+    }
+    let key = seg.key(Dir::Ingress);
     if seg.syn {
-        return ingress_syn(ctx, &seg, &key);
+        return ingress_syn(ctx, &seg, &key, tracked);
     }
     if let Some(conn) = conn_mut(&key) {
         return ingress_tracked(ctx, &seg, &key, conn);
@@ -78,16 +83,16 @@ fn ingress(ctx: &TcContext) -> i32 {
 /// client whose SYN carries data talked before any greeting: an early talker.
 /// (TFO would also let the server accept it at once, past the hold.)
 #[inline(always)]
-fn ingress_syn(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
+fn ingress_syn(ctx: &TcContext, seg: &Seg, key: &ConnKey, tracked: bool) -> i32 {
     if seg.ack {
         return NEXT;
     }
+    // Forget any stale (e.g. denied) connection on this 4-tuple. Looked up
+    // first: a lookup takes no lock, a delete does, even on a miss.
+    if tracked && CONNS.get_ptr(key).is_some() {
+        maps::untrack(key);
+    }
     if seg.payload_len == 0 {
-        // Forget any stale (e.g. denied) connection on this 4-tuple. Looked up
-        // first: a lookup takes no lock, a delete does, even on a miss.
-        if CONNS.get_ptr(key).is_some() {
-            let _ = CONNS.remove(key);
-        }
         return NEXT;
     }
     if maps::allowlisted(&key.client_addr) {
@@ -226,7 +231,13 @@ fn note_client_ack(ctx: &TcContext, seg: &Seg, conn: &mut Conn) {
 /// (unless the client is in the pass cache): the hold.
 #[inline(always)]
 fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
-    if !seg.ack || seg.rst {
+    if seg.rst {
+        // A client (a port scanner, say) refusing the SYN-ACK: the handshake
+        // is over; its entry would only linger until evicted.
+        maps::remove_handshake(key);
+        return NEXT;
+    }
+    if !seg.ack {
         return NEXT;
     }
     let hs = match HANDSHAKES.get_ptr(key) {
@@ -237,7 +248,10 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     if seg.ack_seq != hs.server_isn.wrapping_add(1) {
         return NEXT;
     }
-    let _ = HANDSHAKES.remove(key);
+    if !maps::remove_handshake(key) {
+        // Another CPU took this handshake (a retransmitted ACK): it tracks it.
+        return NEXT;
+    }
     let (cfg, now_ns) = (config(), now());
     let Some(conn) = maps::scratch_conn(&cfg, now_ns, hs.client_base, hs.server_isn) else {
         return NEXT;
@@ -287,12 +301,13 @@ fn egress(ctx: &TcContext) -> i32 {
     let Some(seg) = parse(ctx, Dir::Egress) else {
         return NEXT;
     };
-    let key = seg.key(Dir::Egress);
     // SAFETY: reading a field of the context the kernel handed us.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    let tracked = || maybe_tracked(seg.bucket(Dir::Egress));
+    let key = seg.key(Dir::Egress);
     if seg.syn {
         if seg.ack {
-            egress_synack(ctx, &seg, &key, sk.is_null());
+            egress_synack(ctx, &seg, &key, sk.is_null(), tracked());
         }
         return NEXT;
     }
@@ -308,6 +323,9 @@ fn egress(ctx: &TcContext) -> i32 {
             return NEXT;
         }
     }
+    if !tracked() {
+        return NEXT;
+    }
     match conn_mut(&key) {
         Some(conn) => egress_tracked(&seg, &key, conn),
         None => NEXT,
@@ -318,23 +336,27 @@ fn egress(ctx: &TcContext) -> i32 {
 /// SYN-ACK belongs to no socket (the kernel does not attach one under a SYN
 /// flood); a request socket's does.
 #[inline(always)]
-fn egress_synack(ctx: &TcContext, seg: &Seg, key: &ConnKey, cookie: bool) {
-    if let Some(c) = conn_mut(key) {
-        if c.has(ConnFlags::SYN_DATA) && c.synacks == 0 {
-            // Tracked from its SYN (TFO): learn the ISN now.
-            c.server_isn = seg.seq;
-        }
-        // A held request socket retransmits its SYN-ACK.
-        c.synacks = c.synacks.saturating_add(1);
-        return;
-    }
-    if let Some(h) = HANDSHAKES.get_ptr_mut(key) {
-        // SAFETY: map value valid for this run; a lost count only means one
-        // retransmission fewer counted.
-        let h = unsafe { &mut *h };
-        if h.server_isn == seg.seq {
-            h.synacks = h.synacks.saturating_add(1);
+fn egress_synack(ctx: &TcContext, seg: &Seg, key: &ConnKey, cookie: bool, tracked: bool) {
+    let mut stale = None;
+    if tracked {
+        if let Some(c) = conn_mut(key) {
+            if c.has(ConnFlags::SYN_DATA) && c.synacks == 0 {
+                // Tracked from its SYN (TFO): learn the ISN now.
+                c.server_isn = seg.seq;
+            }
+            // A held request socket retransmits its SYN-ACK.
+            c.synacks = c.synacks.saturating_add(1);
             return;
+        }
+        if let Some(h) = HANDSHAKES.get_ptr_mut(key) {
+            // SAFETY: map value valid for this run; a lost count only means one
+            // retransmission fewer counted.
+            let h = unsafe { &mut *h };
+            if h.server_isn == seg.seq {
+                h.synacks = h.synacks.saturating_add(1);
+                return;
+            }
+            stale = Some(h);
         }
     }
     if maps::allowlisted(&key.client_addr) {
@@ -348,7 +370,16 @@ fn egress_synack(ctx: &TcContext, seg: &Seg, key: &ConnKey, cookie: bool) {
         synacks: 1,
         cookie: u16::from(cookie),
     };
-    let _ = HANDSHAKES.insert(key, hs, 0);
+    match stale {
+        // A new handshake on the 4-tuple of one never completed: rewritten in
+        // place, so the entry stays counted once.
+        Some(h) => *h = hs,
+        None => {
+            if !maps::add_handshake(key, &hs) {
+                return;
+            }
+        }
+    }
     stat(Stat::Handshakes);
 }
 

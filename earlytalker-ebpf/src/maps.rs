@@ -2,13 +2,15 @@
 //! configuration, watched ports, the allowlist and the pass cache.
 
 use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use earlytalker_common::{
     Config, Conn, ConnKey, Handshake, Stat, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_CONNS,
-    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_PASSED, MAX_ALLOW, PORT_WORDS,
+    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_PASSED, MAX_ALLOW, PORT_WORDS, TRACKED_ADD,
+    TRACKED_BUCKETS, TRACKED_SUB,
 };
 
 #[map(name = "CONFIG")]
@@ -23,6 +25,11 @@ pub static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(DEFAU
 #[map(name = "HANDSHAKES")]
 pub static HANDSHAKES: LruHashMap<ConnKey, Handshake> =
     LruHashMap::with_max_entries(DEFAULT_MAX_HANDSHAKES, 0);
+
+/// Counting filter over CONNS and HANDSHAKES (see earlytalker-common). Mapped
+/// into the agent, which subtracts for what it deletes and repairs evictions.
+#[map(name = "TRACKED")]
+static TRACKED: Array<u64> = Array::with_max_entries(TRACKED_BUCKETS, BPF_F_MMAPABLE);
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
@@ -98,6 +105,13 @@ pub fn recently_passed(addr: &[u8; 16], cfg: &Config, now_ns: u64) -> bool {
 
 #[inline(always)]
 pub fn record_pass(addr: &[u8; 16], now_ns: u64) {
+    // Renewed in place: an LRU insert over an existing key takes a free node
+    // and a bucket lock, a look-up neither.
+    if let Some(t) = PASSED.get_ptr_mut(addr) {
+        // SAFETY: plain u64 map value; a racing renewal writes a time as good.
+        unsafe { *t = now_ns };
+        return;
+    }
     let _ = PASSED.insert(addr, now_ns, 0);
 }
 
@@ -105,6 +119,61 @@ pub fn record_pass(addr: &[u8; 16], now_ns: u64) {
 #[inline(always)]
 pub fn forget_pass(addr: &[u8; 16]) {
     let _ = PASSED.remove(addr);
+}
+
+/// False only if no entry of CONNS or HANDSHAKES has this bucket: then neither
+/// map needs a look-up.
+#[inline(always)]
+pub fn maybe_tracked(bucket: u32) -> bool {
+    match TRACKED.get(bucket) {
+        Some(v) => *v as u32 != 0,
+        None => true,
+    }
+}
+
+#[inline(always)]
+fn count(bucket: u32, delta: u64) {
+    if let Some(p) = TRACKED.get_ptr_mut(bucket) {
+        // SAFETY: array value live for this run, 8-byte aligned; both directions
+        // and the agent change it concurrently, hence the atomic add.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, delta,
+            );
+        }
+    }
+}
+
+/// Inserts a handshake not yet in HANDSHAKES (counted first).
+#[inline(always)]
+pub fn add_handshake(key: &ConnKey, hs: &Handshake) -> bool {
+    let b = key.bucket();
+    count(b, TRACKED_ADD);
+    if HANDSHAKES.insert(key, hs, u64::from(BPF_NOEXIST)).is_err() {
+        count(b, TRACKED_SUB);
+        return false;
+    }
+    true
+}
+
+/// Removes a handshake; true if this run removed it (then uncounted).
+#[inline(always)]
+pub fn remove_handshake(key: &ConnKey) -> bool {
+    if HANDSHAKES.remove(key).is_err() {
+        return false;
+    }
+    count(key.bucket(), TRACKED_SUB);
+    true
+}
+
+/// Stops tracking a connection; true if this run removed it (then uncounted).
+#[inline(always)]
+pub fn untrack(key: &ConnKey) -> bool {
+    if CONNS.remove(key).is_err() {
+        return false;
+    }
+    count(key.bucket(), TRACKED_SUB);
+    true
 }
 
 /// The tracked connection, if any, as a map value valid for this program run.
@@ -147,7 +216,11 @@ pub fn scratch_conn(
 /// Starts tracking `conn`; false (counted) if the table refused it.
 #[inline(always)]
 pub fn track(key: &ConnKey, conn: &Conn) -> bool {
-    if CONNS.insert(key, conn, 0).is_err() {
+    let b = key.bucket();
+    count(b, TRACKED_ADD);
+    // Never over an entry: the filter counts each entry once.
+    if CONNS.insert(key, conn, u64::from(BPF_NOEXIST)).is_err() {
+        count(b, TRACKED_SUB);
         stat(Stat::MapFull);
         return false;
     }

@@ -3,7 +3,7 @@
 
 use crate::maps::port_watched;
 use aya_ebpf::programs::TcContext;
-use earlytalker_common::ConnKey;
+use earlytalker_common::{tracked_bucket, ConnKey};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -62,6 +62,17 @@ impl Seg {
             client_port: cport,
             server_port: sport,
             pad: 0,
+        }
+    }
+}
+
+impl Seg {
+    /// The connection's TRACKED bucket (as `ConnKey::bucket`).
+    #[inline(always)]
+    pub fn bucket(&self, dir: Dir) -> u32 {
+        match dir {
+            Dir::Ingress => tracked_bucket(self.src, self.sport, self.dport),
+            Dir::Egress => tracked_bucket(self.dst, self.dport, self.sport),
         }
     }
 }

@@ -237,6 +237,16 @@ pub struct RunArgs {
     /// finish the transaction [default: 30s] (for tests; hidden)
     #[arg(long, value_name = "DURATION", value_parser = parse_ttl, hide = true)]
     pub close_grace: Option<Duration>,
+
+    /// How often stale kernel entries are swept and the TRACKED filter's counts
+    /// repaired [default: 30s] (for tests; hidden)
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl, hide = true)]
+    pub sweep_every: Option<Duration>,
+
+    /// Age at which every kind of kernel entry counts as stale, instead of
+    /// each kind's own (for tests; hidden)
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl, hide = true)]
+    pub stale_after: Option<Duration>,
 }
 
 /// A ring buffer size: a power of two from one page (4 KiB) to 256 MiB.
@@ -407,6 +417,8 @@ pub struct Fixed {
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: PathBuf,
     pub close_grace: Duration,
+    pub sweep_every: Duration,
+    pub stale_after: Option<Duration>,
 }
 
 impl Fixed {
@@ -573,6 +585,11 @@ impl Settings {
                     .or(f.control_socket)
                     .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
                 close_grace: cli.close_grace.unwrap_or(CLOSE_GRACE),
+                sweep_every: cli
+                    .sweep_every
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(crate::tracked::SWEEP_EVERY),
+                stale_after: cli.stale_after,
             },
         })
     }

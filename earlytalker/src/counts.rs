@@ -20,6 +20,8 @@ pub enum AgentStat {
     Released,
     ReleaseRetries,
     ReleasesAbandoned,
+    StaleSwept,
+    FilterRepairs,
 }
 
 pub struct AgentStatInfo {
@@ -41,7 +43,7 @@ const fn s(stat: AgentStat, name: &'static str, help: &'static str, metric: bool
 }
 
 /// Indexed by `AgentStat`.
-pub const AGENT_STATS: [AgentStatInfo; 9] = [
+pub const AGENT_STATS: [AgentStatInfo; 11] = [
     s(
         AgentStat::Deny,
         "action_deny",
@@ -94,6 +96,18 @@ pub const AGENT_STATS: [AgentStatInfo; 9] = [
         AgentStat::ReleasesAbandoned,
         "releases_abandoned",
         "Releases given up (the server dropped the request, or tries ran out)",
+        true,
+    ),
+    s(
+        AgentStat::StaleSwept,
+        "stale_entries_swept",
+        "Kernel entries of connections long gone, deleted by the agent",
+        true,
+    ),
+    s(
+        AgentStat::FilterRepairs,
+        "filter_counts_repaired",
+        "Counts of the kernel's tracked-connection filter lowered after map evictions",
         true,
     ),
 ];

@@ -18,6 +18,7 @@ use crate::{
     release::{self, monotonic_ns, Releaser},
     status,
     store::Store,
+    tracked,
 };
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -131,6 +132,18 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         diag: Diag::new().map_err(StartError::Privilege)?,
         counts: counts.clone(),
     };
+    let sweep_parts = tracked::Parts {
+        conns: guard.conns_handle().map_err(StartError::Attach)?,
+        handshakes: guard.handshakes_handle().map_err(StartError::Attach)?,
+        filter: guard.filter().map_err(StartError::Attach)?,
+        counts: counts.clone(),
+        snap: snap.clone(),
+        every: settings.fixed.sweep_every,
+        stale: settings
+            .fixed
+            .stale_after
+            .map_or(tracked::Stale::DEFAULT, tracked::Stale::after),
+    };
     // Everything privileged is done: attached, sockets bound and handed over.
     privs::drop_privileges().map_err(StartError::DropPrivileges)?;
     // Threads only after the drop: capabilities are per thread.
@@ -139,6 +152,7 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
     }
     let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
     let releaser = Releaser::start(release_parts).map_err(StartError::Service)?;
+    let keeper = tracked::Keeper::start(sweep_parts).map_err(StartError::Service)?;
     let pipeline = Pipeline::new(
         out,
         store,
@@ -163,6 +177,7 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         snap,
         args,
         s: settings,
+        _keeper: keeper,
         ticks: 0,
         lost_seen: 0,
         last_save: Instant::now(),
@@ -218,6 +233,8 @@ struct Daemon {
     /// The command line, re-applied over the file on every reload.
     args: RunArgs,
     s: Settings,
+    /// The sweep thread, stopped with the daemon.
+    _keeper: tracked::Keeper,
     ticks: u64,
     lost_seen: u64,
     last_save: Instant,

@@ -12,7 +12,8 @@
 //!   the MTA's listeners (an option that defeats the hold): `listeners`;
 //! * what the MTA and the operator ask: `policy`, `milter`, `opensmtpd` (a
 //!   filter OpenSMTPD runs), `listen`, `status`,
-//!   `metrics`; settings: `config`; the pass cache on disk: `passcache`.
+//!   `metrics`; settings: `config`; the pass cache on disk: `passcache`;
+//! * stale kernel entries and the filter in front of the maps: `tracked`.
 
 pub mod actions;
 pub mod config;
@@ -37,3 +38,4 @@ pub mod probe;
 pub mod release;
 pub mod status;
 pub mod store;
+pub mod tracked;

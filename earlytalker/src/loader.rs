@@ -17,8 +17,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use earlytalker_common::{
-    CfgFlags, Config, Conn, ConnFlags, ConnKey, Stat, MAP_ALLOW, MAP_CONFIG, MAP_CONNS, MAP_EVENTS,
-    MAP_HANDSHAKES, MAP_PASSED, MAP_PORTS, MAP_STATS, PORT_WORDS, PROG_EGRESS, PROG_INGRESS, STATS,
+    CfgFlags, Config, Conn, ConnFlags, ConnKey, Handshake, Stat, MAP_ALLOW, MAP_CONFIG, MAP_CONNS,
+    MAP_EVENTS, MAP_HANDSHAKES, MAP_PASSED, MAP_PORTS, MAP_STATS, MAP_TRACKED, PORT_WORDS,
+    PROG_EGRESS, PROG_INGRESS, STATS,
 };
 use ipnet::IpNet;
 use std::os::fd::AsFd;
@@ -277,20 +278,41 @@ impl Guard {
         Ok(())
     }
 
-    /// A second handle on the connection table, for the release thread.
+    /// A second handle on the connection table, for a thread of its own.
     pub fn conns_handle(&self) -> Result<HashMap<MapData, ConnKey, Conn>> {
-        let map = self.ebpf.map(MAP_CONNS).context("CONNS map missing")?;
+        self.lru_handle(MAP_CONNS)
+    }
+
+    /// A second handle on the handshake table, for the sweep thread.
+    pub fn handshakes_handle(&self) -> Result<HashMap<MapData, ConnKey, Handshake>> {
+        self.lru_handle(MAP_HANDSHAKES)
+    }
+
+    fn lru_handle<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("{name} map missing"))?;
         let aya::maps::Map::LruHashMap(data) = map else {
-            bail!("CONNS is not an LRU hash map");
+            bail!("{name} is not an LRU hash map");
         };
         let fd = data
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .context("duplicating the CONNS map descriptor")?;
+            .with_context(|| format!("duplicating the {name} map descriptor"))?;
         Ok(HashMap::try_from(aya::maps::Map::LruHashMap(
             MapData::from_fd(fd)?,
         ))?)
+    }
+
+    /// The kernel's TRACKED filter, mapped into this process.
+    pub fn filter(&self) -> Result<crate::tracked::Filter> {
+        let map = self.ebpf.map(MAP_TRACKED).context("TRACKED map missing")?;
+        let aya::maps::Map::Array(data) = map else {
+            bail!("TRACKED is not an array");
+        };
+        crate::tracked::Filter::map(data.fd().as_fd())
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {

@@ -52,6 +52,11 @@ pub fn render(s: &Snapshot) -> String {
         "Connections held right now, before the MTA could accept them (their greeting not yet sent)",
         ConstGauge::new(s.held_now as i64),
     );
+    reg.register(
+        "filter_buckets_in_use",
+        "Buckets of the kernel's tracked-connection filter in use (the share of watched-port segments that need a hash look-up), as of the last sweep",
+        ConstGauge::new(s.filter.in_use as i64),
+    );
     let entries = Family::<Vec<(String, String)>, Gauge>::default();
     let capacity = Family::<Vec<(String, String)>, Gauge>::default();
     for (map, n, cap) in [

@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub allow: u64,
     pub verdict_store: u64,
     pub started_unix: u64,
+    /// The kernel's TRACKED filter, as of the last sweep.
+    pub filter: crate::tracked::Fill,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -67,6 +69,12 @@ impl Snapshot {
             "allowlist_entries": self.allow,
             "verdict_store_entries": self.verdict_store,
             "started_unix": self.started_unix,
+            "tracked_filter": {
+                "entries": self.filter.entries,
+                "counted": self.filter.counted,
+                "buckets_in_use": self.filter.in_use,
+                "buckets": earlytalker_common::TRACKED_BUCKETS,
+            },
             "recent_verdicts": self.recent.iter().map(|(t, v)| {
                 let mut j = crate::output::json_value(v);
                 j["ts"] = humantime::format_rfc3339_millis(*t).to_string().into();

@@ -12,14 +12,14 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
 };
-use std::collections::HashMap;
+use std::{collections::HashMap, os::fd::AsFd};
 
 // The layouts and numbers come from the ABI crate, as the kernel's do; the
 // model below keeps its own reading of the rules, which is what is compared.
 pub use earlytalker_common::REPLY_MARK;
 use earlytalker_common::{
     CfgFlags, Config, Conn, ConnFlags, ConnKey as Key, Event, EventKind, Handshake, Reason,
-    PAYLOAD_MAX, PROG_EGRESS, PROG_INGRESS,
+    MAP_TRACKED, PAYLOAD_MAX, PROG_EGRESS, PROG_INGRESS, TRACKED_BUCKETS,
 };
 
 const F_EARLY: u32 = ConnFlags::EARLY.bits();
@@ -382,8 +382,8 @@ impl Model {
             if seg.ack {
                 return NEXT;
             }
+            self.conns.remove(&key);
             if seg.payload_len == 0 {
-                self.conns.remove(&key);
                 return NEXT;
             }
             if self.enforce {
@@ -416,7 +416,12 @@ impl Model {
             }
             return self.unheld(p, &seg, key, c);
         }
-        if !seg.ack || seg.rst {
+        if seg.rst {
+            // A client refusing the SYN-ACK ends the handshake.
+            self.hs.remove(&key);
+            return NEXT;
+        }
+        if !seg.ack {
             return NEXT;
         }
         let Some(h) = self.hs.get(&key).copied() else {
@@ -893,6 +898,19 @@ impl Kernel {
         Ok(m.iter().filter_map(Result::ok).collect())
     }
 
+    /// The TRACKED filter's counts, by bucket (mapped as the agent maps it: a
+    /// syscall per bucket would make each step cost 8,192 of them).
+    fn filter(&self) -> Result<Vec<u32>> {
+        let Some(aya::maps::Map::Array(data)) = self.ebpf.map(MAP_TRACKED) else {
+            bail!("TRACKED is not an array");
+        };
+        let f = earlytalker::tracked::Filter::map(data.fd().as_fd())?;
+        Ok(f.buckets()
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::SeqCst) as u32)
+            .collect())
+    }
+
     fn drain(&mut self) -> Vec<EventView> {
         let mut v = Vec::new();
         while let Some(item) = self.events.next() {
@@ -1067,6 +1085,15 @@ pub fn differential(object: &[u8], seed: u64, cases: u64) -> Result<Coverage> {
                     m.hs,
                     ctx()
                 );
+            }
+            // The filter counts exactly the entries of both maps (nothing is
+            // evicted here): a count too low would hide a tracked connection.
+            let mut want = vec![0u32; TRACKED_BUCKETS as usize];
+            for key in conns.keys().chain(hs.keys()) {
+                want[key.bucket() as usize] += 1;
+            }
+            if k.filter()? != want {
+                bail!("TRACKED counts differ from the maps' entries\n{}", ctx());
             }
             cov.compared += 1;
         }

@@ -1,0 +1,183 @@
+//! The kernel's tables over time: the filter in front of them (an exact "not
+//! tracked" answer that spares the hash look-ups) stays exact, counts that LRU
+//! evictions left too high are repaired, and entries of connections long gone
+//! are swept. Real kernel programs, real TCP between namespaces.
+
+use earlytalker_tests::*;
+use serde_json::Value;
+use std::{
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+const PORT: u16 = 25;
+
+/// Polls `status --json` until `done` holds (bounded), and returns it.
+fn status_until(lab: &Lab, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + within;
+    loop {
+        let s = status_json(lab).unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < end, "not reached within {within:?}: {s:#}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn counter(s: &Value, name: &str) -> u64 {
+    s["counters"][name].as_u64().unwrap_or(0)
+}
+
+fn filter_exact(s: &Value) -> bool {
+    let f = &s["tracked_filter"];
+    f["counted"] == f["entries"]
+}
+
+#[test]
+fn t1_evictions_are_repaired_and_tracking_stays_right() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "-a",
+            "log",
+            "-w",
+            "1",
+            "--max-connections",
+            "64",
+            "--sweep-every",
+            "1s",
+        ],
+    )
+    .unwrap();
+    // 200 handshakes that never complete against a half-open table of 64: the
+    // LRU map evicts, and each eviction leaves its bucket's count one too
+    // high. (One SYN-ACK retransmission, set after the agent read the retry
+    // budget, then the server gives up and the table is quiet.)
+    let path = "/proc/sys/net/ipv4/tcp_synack_retries";
+    join(lab.in_server(move || std::fs::write(path, "1")))
+        .unwrap()
+        .unwrap();
+    let lost = ClientAcksLost::start(&lab);
+    let clients = join(lab.in_client(move || {
+        let hs: Vec<_> = (0..200)
+            .map(|_| {
+                thread::spawn(move || TcpStream::connect_timeout(&server, Duration::from_secs(5)))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect::<std::io::Result<Vec<TcpStream>>>()
+    }))
+    .unwrap()
+    .unwrap();
+    let s = status_until(&lab, Duration::from_secs(15), |s| {
+        filter_exact(s) && counter(s, "filter_counts_repaired") > 0
+    });
+    eprintln!(
+        "after 200 half-open handshakes on a table of 64: {} counts repaired, filter {}",
+        counter(&s, "filter_counts_repaired"),
+        s["tracked_filter"]
+    );
+    drop(lost);
+    drop(clients);
+    // The repaired filter still shows the kernel every tracked connection: a
+    // bot is caught and a polite client passes, each on its own verdict.
+    let bot = lab.client(server, Manner::Bot(b"EHLO bot\r\n".to_vec()));
+    let v = agent
+        .verdict_for(bot.local_port, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(v["event"], "early_talker", "{v}");
+    let polite = lab.client(server, Manner::Polite);
+    let v = agent
+        .verdict_for(polite.local_port, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(v["event"], "pass", "{v}");
+    assert!(resp.session(polite.local_port).is_some());
+    agent.stop().unwrap();
+}
+
+#[test]
+fn t2_entries_of_connections_long_gone_are_swept() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "-a",
+            "deny",
+            "-w",
+            "1",
+            "--sweep-every",
+            "1s",
+            "--stale-after",
+            "2s",
+        ],
+    )
+    .unwrap();
+    // A denied bot's entry stays, to drop its retransmissions.
+    let run = lab.bot(server, b"EHLO bot\r\n", false);
+    assert!(
+        run.received.starts_with(reply_line("deny").as_bytes()),
+        "{:?}",
+        String::from_utf8_lossy(&run.received)
+    );
+    // A client whose handshake never completes (its own ACKs are lost): the
+    // server's SYN-ACK is remembered and never answered. One retransmission
+    // (set after the agent read the retry budget), then the server gives up.
+    let path = "/proc/sys/net/ipv4/tcp_synack_retries";
+    join(lab.in_server(move || std::fs::write(path, "1")))
+        .unwrap()
+        .unwrap();
+    let _lost = ClientAcksLost::start(&lab);
+    let r = join(
+        lab.in_client(move || TcpStream::connect_timeout(&server, Duration::from_millis(1500))),
+    )
+    .unwrap();
+    // The client counts itself connected; the server never heard its ACK.
+    let _client = r.unwrap();
+    let s = status_until(&lab, Duration::from_secs(20), |s| {
+        counter(s, "stale_entries_swept") >= 2 && s["tracked_filter"]["entries"] == 0
+    });
+    assert!(filter_exact(&s), "{s:#}");
+    assert_eq!(s["tracked_filter"]["buckets_in_use"], 0, "{s:#}");
+    agent.stop().unwrap();
+}
+
+/// Drops, in the client's namespace, its TCP segments to port 25 that carry an
+/// ACK (the handshake's last one and all after it), while alive.
+struct ClientAcksLost<'a>(&'a Lab);
+
+impl<'a> ClientAcksLost<'a> {
+    fn start(lab: &'a Lab) -> Self {
+        let rules = "table inet et_acks { chain output { type filter hook output priority 0; \
+                     tcp dport 25 tcp flags & ack == ack drop; }; }";
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.client_ns, "nft", rules])
+            .status()
+            .expect("nft (cargo xtask test installs nftables)");
+        assert!(st.success(), "nft refused the rule");
+        ClientAcksLost(lab)
+    }
+}
+
+impl Drop for ClientAcksLost<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.0.client_ns,
+                "nft",
+                "delete table inet et_acks",
+            ])
+            .status();
+    }
+}
