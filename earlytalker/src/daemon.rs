@@ -80,9 +80,18 @@ fn retries_why(f: &Features) -> String {
 /// stopped it after start-up (Err of the outer Ok).
 pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
     let level = if args.verbose { "debug" } else { "info" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .target(env_logger::Target::Stderr)
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    logger.target(env_logger::Target::Stderr);
+    if crate::journal::is_journal(2) {
+        // journald reads the priority and keeps its own time and our name.
+        logger.format(|buf, r| {
+            use std::io::Write;
+            let p = crate::journal::Prio::of(r.level()).prefix();
+            writeln!(buf, "{p}{}: {}", r.target(), r.args())
+        });
+    }
+    logger.init();
 
     let settings = Settings::load(&args, iface::default_iface).map_err(StartError::Config)?;
     let features = loader::detect().map_err(StartError::Kernel)?;

@@ -10,6 +10,7 @@
 //!   on time), with `forge` (segments the agent writes) and `diag` (sock_diag);
 //! * the kernel side: `loader` (load, configure, attach), `iface`, `privs`;
 //!   the MTA's listeners (an option that defeats the hold): `listeners`;
+//! * the journal's line priorities: `journal`;
 //! * what the MTA and the operator ask: `policy`, `milter`, `opensmtpd` (a
 //!   filter OpenSMTPD runs), `listen`, `status`,
 //!   `metrics`; settings: `config`; the pass cache on disk: `passcache`;
@@ -23,6 +24,7 @@ pub mod diag;
 pub mod events;
 pub mod forge;
 pub mod iface;
+pub mod journal;
 pub mod listen;
 pub mod listeners;
 pub mod loader;

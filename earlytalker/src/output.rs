@@ -3,6 +3,7 @@
 
 use crate::config::{secs, LogFormat, Settings};
 use crate::events::{End, Kind, Verdict};
+use crate::journal::{self, Prio};
 use crate::loader::Features;
 use serde_json::{json, Value};
 use std::{fmt::Write as _, io::Write, net::SocketAddr, time::SystemTime};
@@ -204,25 +205,35 @@ static PENDING: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 #[derive(Clone, Copy)]
 pub struct Out {
     format: LogFormat,
+    /// stdout is the systemd journal: lines carry their priority, not our time.
+    journal: bool,
 }
 
 impl Out {
     pub fn new(format: LogFormat) -> Self {
-        Out { format }
+        Out {
+            format,
+            journal: journal::is_journal(1),
+        }
     }
 
     /// Formats a line and writes it out at once (with anything pending).
-    fn emit(&self, text: String, json: Value) {
-        self.push(|b| b.push_str(&text), || json);
+    fn emit(&self, prio: Prio, text: String, json: Value) {
+        self.push(prio, |b| b.push_str(&text), || json);
         self.flush();
     }
 
     /// Appends a line to the pending batch; only the configured format is built.
-    fn push(&self, text: impl FnOnce(&mut String), json: impl FnOnce() -> Value) {
+    fn push(&self, prio: Prio, text: impl FnOnce(&mut String), json: impl FnOnce() -> Value) {
         let mut b = PENDING.lock().expect("output lock");
+        if self.journal {
+            b.push_str(prio.prefix());
+        }
         match self.format {
             LogFormat::Text => {
-                let _ = write!(b, "{} ", timestamp());
+                if !self.journal {
+                    let _ = write!(b, "{} ", timestamp());
+                }
                 text(&mut b);
             }
             LogFormat::Json => {
@@ -251,7 +262,13 @@ impl Out {
 
     /// Buffered: the caller flushes after the batch.
     pub fn verdict(&self, v: &Verdict) {
-        self.push(|b| write_text(b, v), || json_value(v));
+        // An early talker is the notable event; the rest is routine.
+        let prio = if v.kind == Kind::EarlyTalker {
+            Prio::Notice
+        } else {
+            Prio::Info
+        };
+        self.push(prio, |b| write_text(b, v), || json_value(v));
     }
 
     /// One start-up line: settings in force, kernel features found, limits.
@@ -283,7 +300,7 @@ impl Out {
         });
         json["max_wait"] = f.max_wait.as_secs_f64().into();
         json["tcp_synack_retries"] = f.tcp_synack_retries.into();
-        self.emit(text, json);
+        self.emit(Prio::Info, text, json);
     }
 
     /// A SIGHUP reload: applied (naming the restart-only settings it could not
@@ -319,7 +336,15 @@ impl Out {
             "reload_refused"
         }
         .into();
-        self.emit(text, json);
+        self.emit(
+            if refused.is_some() {
+                Prio::Warning
+            } else {
+                Prio::Info
+            },
+            text,
+            json,
+        );
     }
 
     /// The MTA's PIPECONNECT offer changed (or became known), and with it
@@ -335,7 +360,7 @@ impl Out {
             "pipeconnect_advertised": advertised,
             "pipeconnect_allowed": s.live.pipeconnect_allowed(advertised),
         });
-        self.emit(text, json);
+        self.emit(Prio::Info, text, json);
     }
 
     /// A policy lookup that matched an early talker.
@@ -361,7 +386,7 @@ impl Out {
             "recipient": recipient,
             "answer": answer,
         });
-        self.emit(text, json);
+        self.emit(Prio::Info, text, json);
     }
 
     /// The kernel could not hand over `lost` verdicts (ring buffer full).
@@ -370,6 +395,7 @@ impl Out {
             "LOST {lost} verdict event(s): the event ring buffer was full ({total} lost since start; see --event-buffer)"
         );
         self.emit(
+            Prio::Warning,
             text,
             json!({"event": "events_lost", "lost": lost, "total": total}),
         );
@@ -389,7 +415,7 @@ impl Out {
             "step": step,
             "error": error,
         });
-        self.emit(text, json);
+        self.emit(Prio::Warning, text, json);
     }
 
     pub fn stopped(&self, counters: &[(&'static str, u64)]) {
@@ -406,7 +432,7 @@ impl Out {
         for (k, v) in counters {
             m.insert((*k).into(), (*v).into());
         }
-        self.emit(text, Value::Object(m));
+        self.emit(Prio::Info, text, Value::Object(m));
     }
 }
 

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{mpsc, Arc, Mutex},
     thread,
@@ -32,10 +32,15 @@ pub fn agent_command(lab: &Lab, args: &[&str]) -> Command {
 /// `agent_command` run through `wrapper` (a program that execs the rest of its
 /// command line, such as `setpriv …`), so the child is still the agent.
 pub fn agent_command_under(lab: &Lab, wrapper: &[&str], args: &[&str]) -> Command {
+    agent_command_with(lab, wrapper, &agent_bin(), args)
+}
+
+/// `agent_command_under` for the agent binary at `bin` (an installed one, say).
+pub fn agent_command_with(lab: &Lab, wrapper: &[&str], bin: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &lab.server_ns])
         .args(wrapper)
-        .arg(agent_bin())
+        .arg(bin)
         .args(["-i", &lab.server_if]);
     let has = |flag: &str| args.contains(&flag);
     if !has("--state-dir") {
@@ -89,8 +94,17 @@ impl Agent {
 
     /// `start`, through `wrapper` (see `agent_command_under`).
     pub fn start_under(lab: &Lab, wrapper: &[&str], args: &[&str]) -> Result<Self> {
-        let mut cmd =
-            agent_command_under(lab, wrapper, &[&["--log-format", "json"], args].concat());
+        Self::start_with(lab, wrapper, &agent_bin(), args)
+    }
+
+    /// `start_under`, for the agent binary at `bin`.
+    pub fn start_with(lab: &Lab, wrapper: &[&str], bin: &Path, args: &[&str]) -> Result<Self> {
+        let mut cmd = agent_command_with(
+            lab,
+            wrapper,
+            bin,
+            &[&["--log-format", "json"], args].concat(),
+        );
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -1,5 +1,6 @@
-//! Developer and operator tasks: `cargo xtask setup|build|run|demo|test`.
+//! Developer and operator tasks: `cargo xtask setup|build|run|demo|test|deb`.
 
+mod deb;
 mod demo;
 mod deps;
 
@@ -26,6 +27,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                  the reference model (root; default 1,000,000 packets)
   bench          figures (per-packet cost, session rate, holds at scale) as a
                  table and target/bench.json (root; not part of the tests)
+  deb            build target/debian/earlytalker_VERSION_ARCH.deb (agent, unit,
+                 config, man page, completions, fail2ban filter, dashboard)
   install [--destdir DIR]
                  build, then install the agent, systemd unit, example config,
                  man page and shell completions (under DIR when given)";
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
             .and_then(|()| demo::run(&agent_bin())),
         Some("test") => test(&args[1..]),
         Some("install") => install(&args[1..]),
+        Some("deb") => deb::deb().map(|_| ()),
         Some("bench") => require_root("bench").and_then(|()| bench()),
         Some("fuzz") => require_root("fuzz").and_then(|()| fuzz(&args[1..])),
         Some("-h" | "--help" | "help") => {
@@ -378,8 +382,11 @@ fn test(extra: &[String]) -> Result<()> {
     }
     build()?;
     test_setup()?;
+    // The package tests install and purge this very build's .deb.
+    let package = deb::deb()?;
     let mut cmd = cargo();
     cmd.current_dir(root_dir())
+        .env("EARLYTALKER_DEB", package)
         .args(["test", "--release", "--workspace", "--"])
         // Two lab tests at a time on two cores keeps timing honest.
         .args(["--test-threads", "2"])
