@@ -161,6 +161,17 @@ pub struct RunArgs {
           allow_negative_numbers = true)]
     pub wait: Option<Duration>,
 
+    /// Seconds to hold new connections instead while under stress (the kernel's
+    /// tables or the MTA's listen queue filling up; never longer than --wait) [default: 2]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_wait,
+          allow_negative_numbers = true)]
+    pub wait_under_stress: Option<Duration>,
+
+    /// Fill (0 to 1) of the kernel's connection tables or of the MTA's listen
+    /// queue at which stress begins; it ends below 80 % of this [default: 0.75]
+    #[arg(long, value_name = "FRACTION", value_parser = parse_fraction)]
+    pub stress_threshold: Option<f64>,
+
     /// What to do with an early talker [default: denysoft]
     #[arg(short, long, value_enum)]
     pub action: Option<Action>,
@@ -270,6 +281,8 @@ pub struct FileConfig {
     pub interfaces: Option<Vec<String>>,
     pub ports: Option<Vec<i64>>,
     pub wait: Option<f64>,
+    pub wait_under_stress: Option<f64>,
+    pub stress_threshold: Option<f64>,
     pub action: Option<Action>,
     pub defer_reject: Option<bool>,
     pub pipeconnect: Option<Pipeconnect>,
@@ -313,6 +326,26 @@ fn wait_secs(v: f64) -> Result<Duration, String> {
         return Err("seconds is absurdly long".into());
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// postscreen's stress wait (`${stress?{2}:{6}}s`).
+pub const WAIT_UNDER_STRESS: Duration = Duration::from_secs(2);
+pub const STRESS_THRESHOLD: f64 = 0.75;
+
+/// Parses `--stress-threshold`: a fraction above 0, at most 1.
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number"))?;
+    fraction(v).map_err(|e| format!("'{s}' {e}"))
+}
+
+fn fraction(v: f64) -> Result<f64, String> {
+    if !(v > 0.0 && v <= 1.0) {
+        return Err("must be a fraction above 0 and at most 1".into());
+    }
+    Ok(v)
 }
 
 /// A pass-cache lifetime: "1d", "12h", "90m", "0".
@@ -388,6 +421,9 @@ pub struct Settings {
 pub struct Live {
     pub ports: Vec<u16>,
     pub wait: Duration,
+    /// The hold while under stress (at most `wait`), and where stress begins.
+    pub wait_under_stress: Duration,
+    pub stress_threshold: f64,
     pub action: Action,
     pub defer_reject: bool,
     pub allow: Vec<IpNet>,
@@ -495,6 +531,20 @@ impl Settings {
             (None, Some(w)) => wait_secs(w).map_err(|e| fe("wait", &format!("{w} {e}")))?,
             (None, None) => Duration::from_secs(1),
         };
+        let wait_under_stress = match (cli.wait_under_stress, f.wait_under_stress) {
+            (Some(w), _) => w,
+            (None, Some(w)) => {
+                wait_secs(w).map_err(|e| fe("wait_under_stress", &format!("{w} {e}")))?
+            }
+            (None, None) => WAIT_UNDER_STRESS,
+        };
+        let stress_threshold = match (cli.stress_threshold, f.stress_threshold) {
+            (Some(t), _) => t,
+            (None, Some(t)) => {
+                fraction(t).map_err(|e| fe("stress_threshold", &format!("{t} {e}")))?
+            }
+            (None, None) => STRESS_THRESHOLD,
+        };
 
         let mut allow = Vec::new();
         for a in f.allow.unwrap_or_default() {
@@ -555,6 +605,8 @@ impl Settings {
             live: Live {
                 ports,
                 wait,
+                wait_under_stress,
+                stress_threshold,
                 action: cli.action.or(f.action).unwrap_or(Action::Denysoft),
                 defer_reject: cli.defer_reject || f.defer_reject.unwrap_or(false),
                 allow,
@@ -620,6 +672,15 @@ impl Live {
     /// The kernel drops early talkers' bytes and their greeting.
     pub fn enforce(&self) -> bool {
         self.action != Action::Log && !self.defer_reject
+    }
+
+    /// The hold for new connections: the shorter one while under stress.
+    pub fn wait_now(&self, stressed: bool) -> Duration {
+        if stressed {
+            self.wait.min(self.wait_under_stress)
+        } else {
+            self.wait
+        }
     }
 
     /// What is done to an early talker, as logged.
@@ -890,12 +951,32 @@ mod tests {
     }
 
     #[test]
+    fn stress_wait_is_never_longer_than_wait_and_its_threshold_a_fraction() {
+        let s = settings(&["-w", "6"]).unwrap();
+        assert_eq!(s.live.wait_now(false), Duration::from_secs(6));
+        assert_eq!(s.live.wait_now(true), WAIT_UNDER_STRESS);
+        assert_eq!(s.live.stress_threshold, STRESS_THRESHOLD);
+        // Under stress the wait only shortens.
+        let s = settings(&["-w", "1", "--wait-under-stress", "2"]).unwrap();
+        assert_eq!(s.live.wait_now(true), Duration::from_secs(1));
+        for bad in ["0", "1.5", "-0.2", "x"] {
+            assert!(settings(&["--stress-threshold", bad]).is_err(), "{bad}");
+        }
+        let s = with_file(&[], "wait_under_stress = 0.5\nstress_threshold = 0.9\n").unwrap();
+        assert_eq!(s.live.wait_now(true), Duration::from_millis(500));
+        assert_eq!(s.live.stress_threshold, 0.9);
+        assert!(with_file(&[], "stress_threshold = 2.0\n").is_err());
+    }
+
+    #[test]
     fn shipped_example_config_is_valid() {
         let file: FileConfig = toml::from_str(include_str!("../dist/earlytalker.toml")).unwrap();
         let mut cli = parse(&[]).unwrap().run;
         cli.config = Some("dist/earlytalker.toml".into());
         let s = Settings::build(&cli, Some(file), || Ok("eth0".into())).unwrap();
-        assert_eq!(s.live.action, Action::Denysoft);
+        // Safe first install: the shipped file only logs (the CLI default is
+        // denysoft, see defaults_follow_qpsmtpd_and_postscreen).
+        assert_eq!(s.live.action, Action::Log);
         assert_eq!(s.live.allow.len(), 2);
         assert_eq!(s.live.pass_ttl, Duration::from_secs(86_400));
     }

@@ -18,6 +18,7 @@ use crate::{
     release::{self, monotonic_ns, Releaser},
     status,
     store::Store,
+    stress::{self, Stress},
     tracked,
 };
 use anyhow::{Context, Result};
@@ -141,10 +142,12 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         diag: Diag::new().map_err(StartError::Privilege)?,
         counts: counts.clone(),
     };
+    // Read by the sweep thread and, for the stress wait, by the event loop.
+    let filter = Arc::new(guard.filter().map_err(StartError::Attach)?);
     let sweep_parts = tracked::Parts {
         conns: guard.conns_handle().map_err(StartError::Attach)?,
         handshakes: guard.handshakes_handle().map_err(StartError::Attach)?,
-        filter: guard.filter().map_err(StartError::Attach)?,
+        filter: filter.clone(),
         counts: counts.clone(),
         snap: snap.clone(),
         every: settings.fixed.sweep_every,
@@ -153,6 +156,8 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
             .stale_after
             .map_or(tracked::Stale::DEFAULT, tracked::Stale::after),
     };
+    // The MTA's listen queues, for the stress wait.
+    let queues = Diag::new().map_err(StartError::Privilege)?;
     // Everything privileged is done: attached, sockets bound and handed over.
     privs::drop_privileges().map_err(StartError::DropPrivileges)?;
     // Threads only after the drop: capabilities are per thread.
@@ -187,6 +192,10 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         args,
         s: settings,
         _keeper: keeper,
+        filter,
+        queues,
+        listeners: Vec::new(),
+        stress: Stress::default(),
         ticks: 0,
         lost_seen: 0,
         last_save: Instant::now(),
@@ -244,6 +253,12 @@ struct Daemon {
     s: Settings,
     /// The sweep thread, stopped with the daemon.
     _keeper: tracked::Keeper,
+    /// What the stress wait looks at: the tables' fill (the filter's counts)
+    /// and the accept queues of the MTA's listeners on the watched ports.
+    filter: Arc<tracked::Filter>,
+    queues: Diag,
+    listeners: Vec<std::net::SocketAddr>,
+    stress: Stress,
     ticks: u64,
     lost_seen: u64,
     last_save: Instant,
@@ -332,6 +347,7 @@ impl Daemon {
     fn on_tick(&mut self) {
         self.ticks += 1;
         self.on_probe();
+        self.on_stress();
         let guard = &self.guard;
         self.pipeline.sweep(monotonic_ns(), |k| guard.lookup(k));
         self.out.flush();
@@ -366,8 +382,11 @@ impl Daemon {
                     e.probe_destroy()?;
                 }
             }
-            self.guard
-                .configure(&new.live, new.live.pipeconnect_allowed(self.advertised))?;
+            self.guard.configure(
+                &new.live,
+                new.live.pipeconnect_allowed(self.advertised),
+                self.stress.on(),
+            )?;
             Ok(new)
         });
         match res {
@@ -393,6 +412,37 @@ impl Daemon {
         }
     }
 
+    /// Every tick: stress begins or ends with the tables' and the listen
+    /// queues' fill; the kernel's wait for new connections follows.
+    fn on_stress(&mut self) {
+        if self.ticks % 60 == 1 {
+            // The MTA's listeners change rarely; /proc/net/tcp can be long.
+            self.listeners = listeners::addresses(&self.s.live.ports);
+        }
+        let cap = f64::from(self.s.fixed.max_connections);
+        let mut fill = stress::Fill {
+            table: (self.filter.counted() as f64 / cap).min(1.0),
+            queue: 0.0,
+        };
+        for a in &self.listeners {
+            if let Ok(Some((queued, size))) = self.queues.accept_queue(*a) {
+                fill.queue = fill.queue.max(f64::from(queued) / f64::from(size.max(1)));
+            }
+        }
+        let Some(on) = self.stress.update(fill, self.s.live.stress_threshold) else {
+            return;
+        };
+        let pipeconnect = self.s.live.pipeconnect_allowed(self.advertised);
+        if let Err(e) = self.guard.configure(&self.s.live, pipeconnect, on) {
+            // Tried again at the next tick.
+            log::error!("stress wait not applied: {e:#}");
+            self.stress.set(!on);
+            return;
+        }
+        self.snap.lock().expect("snapshot lock").stress = on;
+        self.out.stress(on, fill, self.s.live.wait_now(on));
+    }
+
     /// The prober's latest answer: when it differs, the kernel's allowance
     /// follows and the change is logged.
     fn on_probe(&mut self) {
@@ -405,7 +455,7 @@ impl Daemon {
             self.s.live.pipeconnect_allowed(now),
         );
         if before != after {
-            if let Err(e) = self.guard.configure(&self.s.live, after) {
+            if let Err(e) = self.guard.configure(&self.s.live, after, self.stress.on()) {
                 // Tried again at the next tick: the answer still differs.
                 log::error!("PIPECONNECT change not applied: {e:#}");
                 return;

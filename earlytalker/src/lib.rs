@@ -14,7 +14,8 @@
 //! * what the MTA and the operator ask: `policy`, `milter`, `opensmtpd` (a
 //!   filter OpenSMTPD runs), `listen`, `status`,
 //!   `metrics`; settings: `config`; the pass cache on disk: `passcache`;
-//! * stale kernel entries and the filter in front of the maps: `tracked`.
+//! * stale kernel entries and the filter in front of the maps: `tracked`; the
+//!   wait under load: `stress`.
 
 pub mod actions;
 pub mod config;
@@ -40,4 +41,5 @@ pub mod probe;
 pub mod release;
 pub mod status;
 pub mod store;
+pub mod stress;
 pub mod tracked;

@@ -49,6 +49,11 @@ pub fn deferring(ports: &[u16]) -> Vec<Deferring> {
     out
 }
 
+/// Local addresses of the LISTEN sockets on `ports` (this network namespace).
+pub fn addresses(ports: &[u16]) -> Vec<SocketAddr> {
+    listening(ports).into_iter().map(|(a, _)| a).collect()
+}
+
 /// (local address, socket inode) of LISTEN sockets on `ports`.
 fn listening(ports: &[u16]) -> Vec<(SocketAddr, u64)> {
     let mut out = Vec::new();

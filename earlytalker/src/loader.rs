@@ -86,8 +86,9 @@ pub fn ports_bitmap(ports: &[u16]) -> Vec<u64> {
 }
 
 /// The kernel's configuration for these settings; `pipeconnect` says whether
-/// PIPECONNECT is let through (see `Live::pipeconnect_allowed`).
-pub fn config_for(s: &Live, pipeconnect: bool) -> Config {
+/// PIPECONNECT is let through (see `Live::pipeconnect_allowed`), `stressed`
+/// whether the stress wait applies.
+pub fn config_for(s: &Live, pipeconnect: bool, stressed: bool) -> Config {
     let mut flags = if s.enforce() {
         CfgFlags::ENFORCE
     } else {
@@ -98,7 +99,7 @@ pub fn config_for(s: &Live, pipeconnect: bool) -> Config {
         flags |= CfgFlags::PIPECONNECT;
     }
     Config {
-        wait_ns: u64::try_from(s.wait.as_nanos()).unwrap_or(u64::MAX),
+        wait_ns: u64::try_from(s.wait_now(stressed).as_nanos()).unwrap_or(u64::MAX),
         flags: flags.bits(),
         pass_ttl_ns: u64::try_from(s.pass_ttl.as_nanos()).unwrap_or(u64::MAX),
     }
@@ -149,19 +150,19 @@ impl Guard {
             logger,
             links: Vec::new(),
         };
-        guard.configure(live, pipeconnect)?;
+        guard.configure(live, pipeconnect, false)?;
         guard.attach(&fixed.ifaces)?;
         Ok(guard)
     }
 
     /// Writes the run-time settings into the CONFIG and PORTS maps.
-    pub fn configure(&mut self, s: &Live, pipeconnect: bool) -> Result<()> {
+    pub fn configure(&mut self, s: &Live, pipeconnect: bool, stressed: bool) -> Result<()> {
         let mut cfg: Array<_, Config> = Array::try_from(
             self.ebpf
                 .map_mut(MAP_CONFIG)
                 .context("CONFIG map missing")?,
         )?;
-        cfg.set(0, config_for(s, pipeconnect), 0)
+        cfg.set(0, config_for(s, pipeconnect, stressed), 0)
             .context("writing CONFIG")?;
         let mut ports: Array<_, u64> =
             Array::try_from(self.ebpf.map_mut(MAP_PORTS).context("PORTS map missing")?)?;

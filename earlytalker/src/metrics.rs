@@ -53,6 +53,11 @@ pub fn render(s: &Snapshot) -> String {
         ConstGauge::new(s.held_now as i64),
     );
     reg.register(
+        "stress",
+        "1 while the stress wait is in force (the kernel's tables or the MTA's listen queue filling up)",
+        ConstGauge::new(i64::from(s.stress)),
+    );
+    reg.register(
         "filter_buckets_in_use",
         "Buckets of the kernel's tracked-connection filter in use (the share of watched-port segments that need a hash look-up), as of the last sweep",
         ConstGauge::new(s.filter.in_use as i64),

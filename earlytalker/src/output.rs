@@ -169,6 +169,8 @@ pub fn config_json(s: &Settings, advertised: Option<bool>) -> Value {
         "interfaces": s.fixed.ifaces,
         "ports": s.live.ports,
         "wait": s.live.wait.as_secs_f64(),
+        "wait_under_stress": s.live.wait_now(true).as_secs_f64(),
+        "stress_threshold": s.live.stress_threshold,
         "action": s.live.action.to_string(),
         "defer_reject": s.live.defer_reject,
         "taken": s.live.taken().as_str(),
@@ -387,6 +389,20 @@ impl Out {
             "answer": answer,
         });
         self.emit(Prio::Info, text, json);
+    }
+
+    /// Stress began or ended: the wait new connections now get, and why.
+    pub fn stress(&self, on: bool, fill: crate::stress::Fill, wait: std::time::Duration) {
+        let word = if on { "STRESS-ON" } else { "STRESS-OFF" };
+        let text = format!(
+            "{word} tables={:.2} listen_queue={:.2} wait={}s",
+            fill.table,
+            fill.queue,
+            secs(wait)
+        );
+        let json = json!({"event": "stress", "on": on, "tables": fill.table,
+            "listen_queue": fill.queue, "wait": wait.as_secs_f64()});
+        self.emit(if on { Prio::Notice } else { Prio::Info }, text, json);
     }
 
     /// The kernel could not hand over `lost` verdicts (ring buffer full).

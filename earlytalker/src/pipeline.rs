@@ -245,6 +245,8 @@ mod tests {
             &Live {
                 ports: vec![25],
                 wait: std::time::Duration::from_secs(1),
+                wait_under_stress: crate::config::WAIT_UNDER_STRESS,
+                stress_threshold: crate::config::STRESS_THRESHOLD,
                 action: Action::Deny,
                 defer_reject: true,
                 allow: Vec::new(),

@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub started_unix: u64,
     /// The kernel's TRACKED filter, as of the last sweep.
     pub filter: crate::tracked::Fill,
+    /// Whether the stress wait is in force.
+    pub stress: bool,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -69,6 +71,7 @@ impl Snapshot {
             "allowlist_entries": self.allow,
             "verdict_store_entries": self.verdict_store,
             "started_unix": self.started_unix,
+            "stress": self.stress,
             "tracked_filter": {
                 "entries": self.filter.entries,
                 "counted": self.filter.counted,

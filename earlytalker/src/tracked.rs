@@ -82,6 +82,8 @@ pub struct Filter {
 
 // SAFETY: the mapping is shared memory touched only through atomics.
 unsafe impl Send for Filter {}
+// SAFETY: as above: every access is atomic.
+unsafe impl Sync for Filter {}
 
 impl Filter {
     pub fn map(fd: BorrowedFd<'_>) -> Result<Self> {
@@ -100,6 +102,14 @@ impl Filter {
         }
         .context("mapping the TRACKED filter")?;
         Ok(Filter { base, len })
+    }
+
+    /// Entries of CONNS and HANDSHAKES, as counted (at least the truth).
+    pub fn counted(&self) -> u64 {
+        self.buckets()
+            .iter()
+            .map(|c| u64::from(count(c.load(Ordering::Relaxed))))
+            .sum()
     }
 
     pub fn buckets(&self) -> &[AtomicU64] {
@@ -160,7 +170,7 @@ pub struct Fill {
 pub struct Parts {
     pub conns: HashMap<MapData, ConnKey, Conn>,
     pub handshakes: HashMap<MapData, ConnKey, Handshake>,
-    pub filter: Filter,
+    pub filter: std::sync::Arc<Filter>,
     pub counts: Counts,
     pub snap: status::Shared,
     pub every: Duration,

@@ -181,3 +181,72 @@ impl Drop for ClientAcksLost<'_> {
             .status();
     }
 }
+
+/// One polite client: how long after its connect() returned the greeting came.
+fn greeted_after(lab: &Lab, server: SocketAddr) -> Duration {
+    let seen = lab.client(server, Manner::Polite);
+    assert!(seen.greeting.starts_with("220 "), "{:?}", seen.greeting);
+    seen.greeting_after
+}
+
+#[test]
+fn t3_the_wait_shortens_under_stress_and_comes_back() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let server = SocketAddr::new(lab.server_addr(false), PORT);
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "-a",
+            "log",
+            "-w",
+            "3",
+            "--wait-under-stress",
+            "0.5",
+            "--stress-threshold",
+            "0.5",
+            "--max-connections",
+            "64",
+        ],
+    )
+    .unwrap();
+    // 40 held at once fill the tables to 40/64, past the threshold.
+    let crowd = lab.in_client(move || {
+        let hs: Vec<_> = (0..40)
+            .map(|_| thread::spawn(move || session(server, &Manner::Polite)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect::<anyhow::Result<Vec<Seen>>>()
+    });
+    let on = agent
+        .wait_for(Duration::from_secs(5), |v| v["event"] == "stress")
+        .unwrap();
+    assert_eq!(on["on"], true, "{on}");
+    assert_eq!(on["wait"], 0.5, "{on}");
+    // A newcomer now waits the stress wait.
+    let stressed = greeted_after(&lab, server);
+    eprintln!("under stress: greeted {stressed:?} after connecting (wait 0.5 s)");
+    assert!(
+        stressed >= Duration::from_millis(450) && stressed < Duration::from_millis(1500),
+        "{stressed:?}"
+    );
+    for s in join(crowd).unwrap().unwrap() {
+        assert!(s.greeting.starts_with("220 "), "{:?}", s.greeting);
+    }
+    // The crowd served, the tables drain: stress ends, logged once.
+    let off = agent
+        .wait_for(Duration::from_secs(5), |v| {
+            v["event"] == "stress" && v["on"] == false
+        })
+        .unwrap();
+    assert_eq!(off["wait"], 3.0, "{off}");
+    let calm = greeted_after(&lab, server);
+    eprintln!("after: greeted {calm:?} after connecting (wait 3 s)");
+    assert!(calm >= Duration::from_millis(2950), "{calm:?}");
+    let s = status_json(&lab).unwrap();
+    assert_eq!(s["stress"], false, "{s:#}");
+    agent.stop().unwrap();
+    assert_eq!(agent.events("stress").len(), 2, "one line each way");
+}
