@@ -39,7 +39,7 @@ use earlytalker_common::{
     CfgFlags, Config, Conn, ConnFlags, ConnKey, EventKind, Handshake, Reason, Stat, REPLY_MARK,
 };
 use emit::emit;
-use maps::{config, conn_mut, maybe_tracked, now, stat, CONNS, HANDSHAKES};
+use maps::{config, conn_mut, maybe_tracked, now, stat, Track, CONNS, HANDSHAKES};
 use parse::{parse, Dir, Opts, Seg};
 
 /// "No opinion": TCX_NEXT. TC_ACT_OK would be TCX_PASS, which ends the TCX chain
@@ -248,10 +248,10 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     if seg.ack_seq != hs.server_isn.wrapping_add(1) {
         return NEXT;
     }
-    if !maps::remove_handshake(key) {
-        // Another CPU took this handshake (a retransmitted ACK): it tracks it.
-        return NEXT;
-    }
+    // Two segments acknowledging the SYN-ACK (the ACK and a bot's first
+    // bytes right behind it) may get here at once on two CPUs: both go on, and
+    // whichever inserts second joins the first one's entry (below).
+    maps::remove_handshake(key);
     let (cfg, now_ns) = (config(), now());
     let Some(conn) = maps::scratch_conn(&cfg, now_ns, hs.client_base, hs.server_isn) else {
         return NEXT;
@@ -265,17 +265,20 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     if cfg.wait_ns == 0 || conn.has(ConnFlags::PASS_CACHED) {
         // Not held: watched for bytes that race the greeting.
         let act = unheld(ctx, seg, key, conn, &cfg, now_ns);
-        if !maps::track(key, conn) {
+        return match maps::track(key, conn) {
+            Track::Added => act,
+            Track::Exists => joined(ctx, seg, key),
             // Untracked from here on: fail open.
-            return NEXT;
-        }
-        return act;
+            Track::Full => NEXT,
+        };
     }
     conn.flags |= ConnFlags::HELD.bits();
     note_client_ack(ctx, seg, conn);
-    if !maps::track(key, conn) {
+    match maps::track(key, conn) {
+        Track::Added => {}
+        Track::Exists => return joined(ctx, seg, key),
         // No room to hold it: let the MTA have it (fail open).
-        return NEXT;
+        Track::Full => return NEXT,
     }
     let Some(conn) = conn_mut(key) else {
         return NEXT;
@@ -284,6 +287,16 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     emit(EventKind::Held, Reason::None, key, conn, now_ns, true);
     // A bot's first bytes may ride on this very ACK.
     ingress_held(ctx, seg, key, conn, &cfg, now_ns)
+}
+
+/// The other CPU's entry for this connection won the insertion: this
+/// segment is one of its segments.
+#[inline(always)]
+fn joined(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
+    match conn_mut(key) {
+        Some(conn) => ingress_tracked(ctx, seg, key, conn),
+        None => NEXT,
+    }
 }
 
 #[classifier]

@@ -213,17 +213,31 @@ pub fn scratch_conn(
     Some(c)
 }
 
-/// Starts tracking `conn`; false (counted) if the table refused it.
+/// What `track` did.
+pub enum Track {
+    Added,
+    /// Another run inserted this connection first (two of its segments on two
+    /// CPUs at once): that entry stands.
+    Exists,
+    /// The table refused it (counted).
+    Full,
+}
+
+const EEXIST: i32 = 17;
+
+/// Starts tracking `conn`, never over an entry: the filter counts each once.
 #[inline(always)]
-pub fn track(key: &ConnKey, conn: &Conn) -> bool {
+pub fn track(key: &ConnKey, conn: &Conn) -> Track {
     let b = key.bucket();
     count(b, TRACKED_ADD);
-    // Never over an entry: the filter counts each entry once.
-    if CONNS.insert(key, conn, u64::from(BPF_NOEXIST)).is_err() {
+    if let Err(e) = CONNS.insert(key, conn, u64::from(BPF_NOEXIST)) {
         count(b, TRACKED_SUB);
+        if e == -EEXIST {
+            return Track::Exists;
+        }
         stat(Stat::MapFull);
-        return false;
+        return Track::Full;
     }
     stat(Stat::Tracked);
-    true
+    Track::Added
 }
