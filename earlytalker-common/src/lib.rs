@@ -26,10 +26,13 @@ pub const MAP_STATS: &str = "STATS";
 pub const MAP_ALLOW: &str = "ALLOW";
 pub const MAP_PASSED: &str = "PASSED";
 pub const MAP_TRACKED: &str = "TRACKED";
+pub const MAP_PENALTY: &str = "PENALTY";
 
 /// Program names, as the agent and the bench look them up.
 pub const PROG_INGRESS: &str = "et_ingress";
 pub const PROG_EGRESS: &str = "et_egress";
+/// The penalty box, at XDP; attached only when a penalty is configured.
+pub const PROG_XDP: &str = "et_xdp";
 /// An empty classifier in the same object: the bench's floor. Never attached by
 /// the agent.
 pub const PROG_FLOOR: &str = "et_floor";
@@ -40,6 +43,9 @@ pub const DEFAULT_MAX_HANDSHAKES: u32 = 65_536;
 pub const DEFAULT_EVENTS_BYTES: u32 = 1 << 20;
 /// Allowlist prefixes (an LPM trie allocates per entry, so the bound costs nothing).
 pub const MAX_ALLOW: u32 = 65_536;
+/// Penalty box: client address -> CLOCK_MONOTONIC ns until which its SYNs are
+/// refused at XDP (LRU).
+pub const MAX_PENALTY: u32 = 65_536;
 /// Pass cache: client addresses that passed recently (LRU).
 pub const DEFAULT_MAX_PASSED: u32 = 131_072;
 
@@ -283,6 +289,8 @@ bitflags::bitflags! {
         /// Allow PIPECONNECT (see ConnFlags::PIPECONNECT): the MTA advertises
         /// it, or the operator said so.
         const PIPECONNECT = 1 << 2;
+        /// The penalty box drops a SYN instead of answering it with a RST.
+        const PENALTY_DROP = 1 << 3;
     }
 }
 

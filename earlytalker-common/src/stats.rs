@@ -19,6 +19,7 @@ pub enum Stat {
     PassCacheHits = 11,
     Pipeconnect = 12,
     Held = 13,
+    PenaltyRefused = 14,
 }
 
 pub struct StatInfo {
@@ -54,7 +55,7 @@ const fn s(stat: Stat, name: &'static str, help: &'static str, metric: bool) -> 
 }
 
 /// Indexed by `Stat`: entry i describes the counter at index i.
-pub const STATS: [StatInfo; 14] = [
+pub const STATS: [StatInfo; 15] = [
     s(
         Stat::Tracked,
         "connections_tracked",
@@ -137,6 +138,12 @@ pub const STATS: [StatInfo; 14] = [
         Stat::Held,
         "held_before_accept",
         "Connections held before the MTA could accept them",
+        true,
+    ),
+    s(
+        Stat::PenaltyRefused,
+        "penalty_box_refused",
+        "SYNs from addresses in the penalty box refused at XDP",
         true,
     ),
 ];

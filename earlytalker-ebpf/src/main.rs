@@ -27,6 +27,7 @@ mod conn;
 mod emit;
 mod maps;
 mod parse;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{bpf_sock, TC_ACT_SHOT, TC_ACT_UNSPEC},

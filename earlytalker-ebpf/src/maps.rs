@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use earlytalker_common::{
     Config, Conn, ConnKey, Handshake, Stat, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_CONNS,
-    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_PASSED, MAX_ALLOW, PORT_WORDS, TRACKED_ADD,
+    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_PASSED, MAX_ALLOW, MAX_PENALTY, PORT_WORDS, TRACKED_ADD,
     TRACKED_BUCKETS, TRACKED_SUB,
 };
 
@@ -40,6 +40,11 @@ static ALLOW: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
 /// Client address -> bpf_ktime_get_ns of its last pass after a real hold.
 #[map(name = "PASSED")]
 static PASSED: LruHashMap<[u8; 16], u64> = LruHashMap::with_max_entries(DEFAULT_MAX_PASSED, 0);
+
+/// The penalty box: client address -> bpf_ktime_get_ns until which its SYNs
+/// are refused (written by the agent).
+#[map(name = "PENALTY")]
+static PENALTY: LruHashMap<[u8; 16], u64> = LruHashMap::with_max_entries(MAX_PENALTY, 0);
 
 /// Where a new connection entry is built before insertion: a Conn is too big to
 /// keep two of on the 512-byte BPF stack.
@@ -113,6 +118,17 @@ pub fn record_pass(addr: &[u8; 16], now_ns: u64) {
         return;
     }
     let _ = PASSED.insert(addr, now_ns, 0);
+}
+
+/// Whether `addr` is in the penalty box now (the expiry is exact: the time is
+/// compared, whenever the agent gets round to deleting the entry).
+#[inline(always)]
+pub fn penalized(addr: &[u8; 16], now_ns: u64) -> bool {
+    match PENALTY.get_ptr(addr) {
+        // SAFETY: plain u64 read from a map value.
+        Some(t) => now_ns < unsafe { *t },
+        None => false,
+    }
 }
 
 /// An address that early-talks loses its pass.

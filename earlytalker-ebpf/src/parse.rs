@@ -2,7 +2,7 @@
 //! four extension headers), TCP. No payload is parsed.
 
 use crate::maps::port_watched;
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use earlytalker_common::{tracked_bucket, ConnKey};
 use network_types::{
     eth::EthHdr,
@@ -39,6 +39,9 @@ pub struct Seg {
     pub ack: bool,
     pub fin: bool,
     pub rst: bool,
+    /// Offset of the IP header, and whether it is IPv6.
+    pub ip_off: usize,
+    pub v6: bool,
     /// Offset of the TCP header from the start of the packet.
     pub tcp_off: usize,
     /// Length of the TCP options (the header beyond its 20 fixed bytes).
@@ -77,10 +80,48 @@ impl Seg {
     }
 }
 
+/// A packet the parser can read: a TC skb or an XDP frame.
+pub trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// The whole packet's length (beyond the linear part for an skb).
+    fn total_len(&self) -> u32;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn total_len(&self) -> u32 {
+        self.len()
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn total_len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+}
+
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<T, F: Frame>(ctx: &F, off: usize) -> Option<*const T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + off + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -105,7 +146,7 @@ fn mapped(a: u32) -> [u32; 4] {
 
 /// Address words back to the bytes ConnKey stores: the same 16 bytes in memory.
 #[inline(always)]
-fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
+pub fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
     // SAFETY: same size, every bit pattern is valid for both.
     unsafe { core::mem::transmute(w) }
 }
@@ -128,7 +169,7 @@ pub fn seq_after(a: u32, b: u32) -> bool {
 /// watched: that check comes before any address is copied, so other traffic
 /// costs a few loads and one array lookup.
 #[inline(always)]
-pub fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
+pub fn parse<F: Frame>(ctx: &F, dir: Dir) -> Option<Seg> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let mut proto = u16::from_be(unsafe { (*eth).ether_type });
@@ -200,6 +241,8 @@ pub fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
         ack: tcp.ack() != 0,
         fin: tcp.fin() != 0,
         rst: tcp.rst() != 0,
+        ip_off,
+        v6,
         tcp_off: off,
         opt_len: doff - 20,
         payload_off: off + doff as usize,
@@ -209,7 +252,7 @@ pub fn parse(ctx: &TcContext, dir: Dir) -> Option<Seg> {
 
 /// IPv4 header at `off`: (offset of the TCP header, bytes from there on).
 #[inline(always)]
-fn ipv4(ctx: &TcContext, off: usize) -> Option<(usize, u32)> {
+fn ipv4<F: Frame>(ctx: &F, off: usize) -> Option<(usize, u32)> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -227,7 +270,7 @@ fn ipv4(ctx: &TcContext, off: usize) -> Option<(usize, u32)> {
     let tot = u32::from(be16(ip.tot_len));
     // tot_len 0 is BIG TCP (> 64 KiB); fall back to the skb length.
     let tot = if tot == 0 {
-        ctx.len().saturating_sub(off as u32)
+        ctx.total_len().saturating_sub(off as u32)
     } else {
         tot
     };
@@ -238,14 +281,14 @@ fn ipv4(ctx: &TcContext, off: usize) -> Option<(usize, u32)> {
 /// destination options; a fragment header ends the walk unless it is the first
 /// fragment): (offset of the TCP header, bytes from there on).
 #[inline(always)]
-fn ipv6(ctx: &TcContext, mut off: usize) -> Option<(usize, u32)> {
+fn ipv6<F: Frame>(ctx: &F, mut off: usize) -> Option<(usize, u32)> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     let mut next = ip.next_hdr;
     let mut plen = u32::from(be16(ip.payload_len));
     if plen == 0 {
-        plen = ctx.len().saturating_sub((off + Ipv6Hdr::LEN) as u32);
+        plen = ctx.total_len().saturating_sub((off + Ipv6Hdr::LEN) as u32);
     }
     off += Ipv6Hdr::LEN;
     for _ in 0..4 {
@@ -376,7 +419,7 @@ impl Opts {
 /// The segment's advertised window, as sent (unscaled).
 #[inline(always)]
 pub fn window(ctx: &TcContext, seg: &Seg) -> u16 {
-    match ptr_at::<TcpHdr>(ctx, seg.tcp_off) {
+    match ptr_at::<TcpHdr, _>(ctx, seg.tcp_off) {
         // SAFETY: bounds checked by ptr_at.
         Some(t) => be16(unsafe { (*t).window }),
         None => 0,

@@ -172,6 +172,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "FRACTION", value_parser = parse_fraction)]
     pub stress_threshold: Option<f64>,
 
+    /// Penalty box at XDP: an address that talked early N times within WINDOW
+    /// has its SYNs refused for TTL, e.g. 3/10m:1h [default: off]
+    #[arg(long, value_name = "N/WINDOW:TTL", value_parser = parse_penalty)]
+    pub penalty: Option<Penalty>,
+
+    /// How the penalty box refuses a SYN: a RST built at XDP, or a silent drop [default: rst]
+    #[arg(long, value_enum)]
+    pub penalty_action: Option<PenaltyAction>,
+
     /// What to do with an early talker [default: denysoft]
     #[arg(short, long, value_enum)]
     pub action: Option<Action>,
@@ -283,6 +292,8 @@ pub struct FileConfig {
     pub wait: Option<f64>,
     pub wait_under_stress: Option<f64>,
     pub stress_threshold: Option<f64>,
+    pub penalty: Option<String>,
+    pub penalty_action: Option<PenaltyAction>,
     pub action: Option<Action>,
     pub defer_reject: Option<bool>,
     pub pipeconnect: Option<Pipeconnect>,
@@ -326,6 +337,52 @@ fn wait_secs(v: f64) -> Result<Duration, String> {
         return Err("seconds is absurdly long".into());
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// The penalty box's rule: `n` early talks within `window` earn `ttl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Penalty {
+    pub n: u32,
+    #[serde(with = "humantime_serde_secs")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub ttl: Duration,
+}
+
+/// Durations as seconds in the settings' serialized form.
+mod humantime_serde_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PenaltyAction {
+    /// Answer the SYN with a RST (the client fails at once, as at a closed port)
+    Rst,
+    /// Drop the SYN (the client retries, then times out)
+    Drop,
+}
+
+/// Parses `--penalty N/WINDOW:TTL`, e.g. `3/10m:1h`.
+pub fn parse_penalty(s: &str) -> Result<Penalty, String> {
+    let bad = || format!("'{s}' is not N/WINDOW:TTL like 3/10m:1h");
+    let (n, rest) = s.trim().split_once('/').ok_or_else(bad)?;
+    let (window, ttl) = rest.split_once(':').ok_or_else(bad)?;
+    let n: u32 = n.parse().map_err(|_| bad())?;
+    let window = humantime::parse_duration(window).map_err(|_| bad())?;
+    let ttl = humantime::parse_duration(ttl).map_err(|_| bad())?;
+    if n == 0 || window.is_zero() || ttl.is_zero() {
+        return Err(format!("'{s}': N, WINDOW and TTL must all be above 0"));
+    }
+    if ttl > Duration::from_secs(365 * 86_400) || window > Duration::from_secs(365 * 86_400) {
+        return Err(format!("'{s}': at most a year"));
+    }
+    Ok(Penalty { n, window, ttl })
 }
 
 /// postscreen's stress wait (`${stress?{2}:{6}}s`).
@@ -455,6 +512,9 @@ pub struct Fixed {
     pub close_grace: Duration,
     pub sweep_every: Duration,
     pub stale_after: Option<Duration>,
+    /// The penalty box (its XDP program is attached only when set).
+    pub penalty: Option<Penalty>,
+    pub penalty_action: PenaltyAction,
 }
 
 impl Fixed {
@@ -642,6 +702,17 @@ impl Settings {
                     .filter(|d| !d.is_zero())
                     .unwrap_or(crate::tracked::SWEEP_EVERY),
                 stale_after: cli.stale_after,
+                penalty: match (cli.penalty, f.penalty) {
+                    (Some(p), _) => Some(p),
+                    (None, Some(text)) => {
+                        Some(parse_penalty(&text).map_err(|e| fe("penalty", &e))?)
+                    }
+                    (None, None) => None,
+                },
+                penalty_action: cli
+                    .penalty_action
+                    .or(f.penalty_action)
+                    .unwrap_or(PenaltyAction::Rst),
             },
         })
     }

@@ -22,6 +22,7 @@ pub enum AgentStat {
     ReleasesAbandoned,
     StaleSwept,
     FilterRepairs,
+    Penalties,
 }
 
 pub struct AgentStatInfo {
@@ -43,7 +44,7 @@ const fn s(stat: AgentStat, name: &'static str, help: &'static str, metric: bool
 }
 
 /// Indexed by `AgentStat`.
-pub const AGENT_STATS: [AgentStatInfo; 11] = [
+pub const AGENT_STATS: [AgentStatInfo; 12] = [
     s(
         AgentStat::Deny,
         "action_deny",
@@ -108,6 +109,12 @@ pub const AGENT_STATS: [AgentStatInfo; 11] = [
         AgentStat::FilterRepairs,
         "filter_counts_repaired",
         "Counts of the kernel's tracked-connection filter lowered after map evictions",
+        true,
+    ),
+    s(
+        AgentStat::Penalties,
+        "penalties",
+        "Addresses put in the penalty box (--penalty)",
         true,
     ),
 ];

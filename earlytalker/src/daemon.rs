@@ -13,6 +13,7 @@ use crate::{
     metrics, milter,
     output::{self, Out},
     passcache,
+    penalty::PenaltyBox,
     pipeline::{Hands, Pipeline},
     policy, privs, probe,
     release::{self, monotonic_ns, Releaser},
@@ -156,6 +157,13 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
             .stale_after
             .map_or(tracked::Stale::DEFAULT, tracked::Stale::after),
     };
+    let penalty = match settings.fixed.penalty {
+        Some(rule) => Some(PenaltyBox::new(
+            rule,
+            Some(guard.penalty_handle().map_err(StartError::Attach)?),
+        )),
+        None => None,
+    };
     // The MTA's listen queues, for the stress wait.
     let queues = Diag::new().map_err(StartError::Privilege)?;
     // Everything privileged is done: attached, sockets bound and handed over.
@@ -174,6 +182,7 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
             enforcer: Some(enforcer),
             releaser: Some(releaser),
             counts,
+            penalty,
         },
         snap.clone(),
         &settings.live,
@@ -324,7 +333,12 @@ impl Daemon {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.refresh(true, true);
-        self.out.started(&self.s, &self.features, self.advertised);
+        self.out.started(
+            &self.s,
+            &self.features,
+            self.advertised,
+            self.guard.xdp_mode,
+        );
         log::info!(
             "watching {} on port(s) {:?}; new connections held {} s before the MTA may accept them (this kernel allows up to {} s)",
             self.s.fixed.ifaces.join(", "),
@@ -348,6 +362,10 @@ impl Daemon {
         self.ticks += 1;
         self.on_probe();
         self.on_stress();
+        if let Some(b) = self.pipeline.penalty.as_mut() {
+            b.expire(monotonic_ns());
+            self.snap.lock().expect("snapshot lock").penalty_box = Some(b.len() as u64);
+        }
         let guard = &self.guard;
         self.pipeline.sweep(monotonic_ns(), |k| guard.lookup(k));
         self.out.flush();

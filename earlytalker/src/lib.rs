@@ -15,7 +15,7 @@
 //!   filter OpenSMTPD runs), `listen`, `status`,
 //!   `metrics`; settings: `config`; the pass cache on disk: `passcache`;
 //! * stale kernel entries and the filter in front of the maps: `tracked`; the
-//!   wait under load: `stress`.
+//!   wait under load: `stress`; the penalty box's bookkeeping: `penalty`.
 
 pub mod actions;
 pub mod config;
@@ -34,6 +34,7 @@ pub mod milter;
 pub mod opensmtpd;
 pub mod output;
 pub mod passcache;
+pub mod penalty;
 pub mod pipeline;
 pub mod policy;
 pub mod privs;

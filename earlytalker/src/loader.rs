@@ -11,15 +11,16 @@ use aya::{
     },
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        xdp::{XdpLinkId, XdpMode},
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use earlytalker_common::{
     CfgFlags, Config, Conn, ConnFlags, ConnKey, Handshake, Stat, MAP_ALLOW, MAP_CONFIG, MAP_CONNS,
-    MAP_EVENTS, MAP_HANDSHAKES, MAP_PASSED, MAP_PORTS, MAP_STATS, MAP_TRACKED, PORT_WORDS,
-    PROG_EGRESS, PROG_INGRESS, STATS,
+    MAP_EVENTS, MAP_HANDSHAKES, MAP_PASSED, MAP_PENALTY, MAP_PORTS, MAP_STATS, MAP_TRACKED,
+    PORT_WORDS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, STATS,
 };
 use ipnet::IpNet;
 use std::os::fd::AsFd;
@@ -75,6 +76,12 @@ pub struct Guard {
     /// Kept alive: dropping the logger closes its map (aya-log 0.3).
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     links: Vec<(String, TcAttachType, SchedClassifierLinkId)>,
+    /// The penalty box's XDP links, and the mode they got ("native" where the
+    /// driver runs XDP itself, else "generic").
+    xdp: Vec<(String, XdpLinkId)>,
+    pub xdp_mode: Option<&'static str>,
+    /// `--penalty-action drop`, written into every configuration.
+    penalty_drop: bool,
 }
 
 pub fn ports_bitmap(ports: &[u16]) -> Vec<u64> {
@@ -149,9 +156,15 @@ impl Guard {
             ebpf,
             logger,
             links: Vec::new(),
+            xdp: Vec::new(),
+            xdp_mode: None,
+            penalty_drop: fixed.penalty_action == crate::config::PenaltyAction::Drop,
         };
         guard.configure(live, pipeconnect, false)?;
         guard.attach(&fixed.ifaces)?;
+        if fixed.penalty.is_some() {
+            guard.attach_xdp(&fixed.ifaces)?;
+        }
         Ok(guard)
     }
 
@@ -162,8 +175,11 @@ impl Guard {
                 .map_mut(MAP_CONFIG)
                 .context("CONFIG map missing")?,
         )?;
-        cfg.set(0, config_for(s, pipeconnect, stressed), 0)
-            .context("writing CONFIG")?;
+        let mut c = config_for(s, pipeconnect, stressed);
+        if self.penalty_drop {
+            c.flags |= CfgFlags::PENALTY_DROP.bits();
+        }
+        cfg.set(0, c, 0).context("writing CONFIG")?;
         let mut ports: Array<_, u64> =
             Array::try_from(self.ebpf.map_mut(MAP_PORTS).context("PORTS map missing")?)?;
         for (i, w) in ports_bitmap(&s.ports).into_iter().enumerate() {
@@ -307,6 +323,40 @@ impl Guard {
         ))?)
     }
 
+    /// The penalty box's map, for the pipeline.
+    pub fn penalty_handle(&self) -> Result<HashMap<MapData, [u8; 16], u64>> {
+        self.lru_handle(MAP_PENALTY)
+    }
+
+    /// The penalty box at XDP: native mode where the driver has it, generic
+    /// otherwise. Links like the TC programs': they go with the agent.
+    fn attach_xdp(&mut self, ifaces: &[String]) -> Result<()> {
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_XDP)
+            .with_context(|| format!("program {PROG_XDP} missing from the object"))?
+            .try_into()?;
+        p.load().map_err(|e| verifier_error(PROG_XDP, e))?;
+        for iface in ifaces {
+            let (id, mode) = match p.attach(iface, XdpMode::Driver) {
+                Ok(id) => (id, "native"),
+                Err(native) => {
+                    log::debug!("XDP native mode on {iface}: {native}");
+                    let id = p.attach(iface, XdpMode::Skb).with_context(|| {
+                        format!("attaching {PROG_XDP} to {iface} (native: {native})")
+                    })?;
+                    (id, "generic")
+                }
+            };
+            // One word for the start-up line: the weakest mode in use.
+            if self.xdp_mode != Some("generic") {
+                self.xdp_mode = Some(mode);
+            }
+            self.xdp.push((iface.clone(), id));
+        }
+        Ok(())
+    }
+
     /// The kernel's TRACKED filter, mapped into this process.
     pub fn filter(&self) -> Result<crate::tracked::Filter> {
         let map = self.ebpf.map(MAP_TRACKED).context("TRACKED map missing")?;
@@ -353,6 +403,16 @@ impl Guard {
 
     /// Detaches explicitly (dropping would too) so failures can be reported.
     pub fn detach(mut self) {
+        for (iface, id) in std::mem::take(&mut self.xdp) {
+            let res = self
+                .ebpf
+                .program_mut(PROG_XDP)
+                .and_then(|p| <&mut Xdp>::try_from(p).ok())
+                .map(|p| p.detach(id));
+            if let Some(Err(e)) = res {
+                log::warn!("detaching {PROG_XDP} from {iface}: {e}");
+            }
+        }
         for (iface, kind, id) in std::mem::take(&mut self.links) {
             let prog = match kind {
                 TcAttachType::Ingress => PROG_INGRESS,

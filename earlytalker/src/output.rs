@@ -274,8 +274,14 @@ impl Out {
     }
 
     /// One start-up line: settings in force, kernel features found, limits.
-    pub fn started(&self, s: &Settings, f: &Features, advertised: Option<bool>) {
-        let text = format!(
+    pub fn started(
+        &self,
+        s: &Settings,
+        f: &Features,
+        advertised: Option<bool>,
+        xdp_mode: Option<&str>,
+    ) {
+        let mut text = format!(
             "STARTED interfaces={} ports={} wait={}s action={} allow={} pass_ttl={}s pipeconnect={} (MTA advertises it: {}) kernel={} tcx=yes btf={} sock_destroy={} max_wait={}s (tcp_synack_retries={})",
             s.fixed.ifaces.join(","),
             join_ports(&s.live.ports),
@@ -292,6 +298,18 @@ impl Out {
             f.tcp_synack_retries,
         );
         let mut json = config_json(s, advertised);
+        if let (Some(p), Some(mode)) = (s.fixed.penalty, xdp_mode) {
+            let _ = write!(
+                text,
+                " penalty={}/{}s:{}s ({:?}) xdp={mode}",
+                p.n,
+                p.window.as_secs(),
+                p.ttl.as_secs(),
+                s.fixed.penalty_action
+            );
+            json["penalty"] = json!({"n": p.n, "window": p.window.as_secs(), "ttl": p.ttl.as_secs(),
+                "action": s.fixed.penalty_action, "xdp_mode": mode});
+        }
         json["event"] = "started".into();
         json["version"] = env!("CARGO_PKG_VERSION").into();
         json["kernel"] = f.kernel.clone().into();
@@ -389,6 +407,16 @@ impl Out {
             "answer": answer,
         });
         self.emit(Prio::Info, text, json);
+    }
+
+    /// An address entered the penalty box: its SYNs are refused for `ttl`.
+    pub fn penalty(&self, addr: std::net::IpAddr, ttl: std::time::Duration) {
+        let text = format!(
+            "PENALTY [{addr}] refused at XDP for {}s (talked early too often)",
+            ttl.as_secs()
+        );
+        let json = json!({"event": "penalty", "client": addr.to_string(), "ttl": ttl.as_secs()});
+        self.emit(Prio::Notice, text, json);
     }
 
     /// Stress began or ended: the wait new connections now get, and why.

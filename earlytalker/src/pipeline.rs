@@ -8,6 +8,7 @@ use crate::{
     counts::{AgentStat, Counts},
     events::{self, client_of, decode, server_of, DecodeError, Dedupe, End, Kind, Record, Tracker},
     output::Out,
+    penalty::PenaltyBox,
     release::Releaser,
     status,
     store::Store,
@@ -31,6 +32,8 @@ pub struct Hands {
     /// None only in unit tests.
     pub releaser: Option<Releaser>,
     pub counts: Counts,
+    /// `--penalty`: None when off.
+    pub penalty: Option<PenaltyBox>,
 }
 
 pub struct Pipeline {
@@ -48,6 +51,7 @@ pub struct Pipeline {
     action: Action,
     defer_reject: bool,
     rejects_seen: HashSet<DecodeError>,
+    pub penalty: Option<PenaltyBox>,
 }
 
 impl Pipeline {
@@ -74,6 +78,7 @@ impl Pipeline {
             action: live.action,
             defer_reject: live.defer_reject,
             rejects_seen: HashSet::new(),
+            penalty: hands.penalty,
         }
     }
 
@@ -194,6 +199,18 @@ impl Pipeline {
                 .update_bytes(&v.client, v.bytes);
         }
         self.out.verdict(v);
+        if v.kind == Kind::EarlyTalker {
+            let now = crate::release::monotonic_ns();
+            if let Some(until) = self
+                .penalty
+                .as_mut()
+                .and_then(|b| b.offend(v.client.ip(), now))
+            {
+                self.counts.add(AgentStat::Penalties);
+                self.out
+                    .penalty(v.client.ip(), std::time::Duration::from_nanos(until - now));
+            }
+        }
         self.snap.lock().expect("snapshot lock").push_recent(v);
     }
 
@@ -240,6 +257,7 @@ mod tests {
                 enforcer: None,
                 releaser: None,
                 counts: Counts::default(),
+                penalty: None,
             },
             status::Shared::default(),
             &Live {

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub filter: crate::tracked::Fill,
     /// Whether the stress wait is in force.
     pub stress: bool,
+    /// Addresses in the penalty box now; None when it is off.
+    pub penalty_box: Option<u64>,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -72,6 +74,7 @@ impl Snapshot {
             "verdict_store_entries": self.verdict_store,
             "started_unix": self.started_unix,
             "stress": self.stress,
+            "penalty_box_entries": self.penalty_box,
             "tracked_filter": {
                 "entries": self.filter.entries,
                 "counted": self.filter.counted,

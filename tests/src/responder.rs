@@ -182,6 +182,11 @@ impl Responder {
         })
     }
 
+    /// Connections the server has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.sessions.lock().map_or(0, |s| s.len())
+    }
+
     pub fn session(&self, client_port: u16) -> Option<Session> {
         self.sessions.lock().ok()?.get(&client_port).cloned()
     }
