@@ -185,6 +185,52 @@ impl Lab {
             .expect("bot session")
     }
 
+    /// A counter of the server namespace's network statistics: `file` is
+    /// "snmp" or "netstat" under /proc/net, `group` the line prefix ("Tcp",
+    /// "TcpExt"), `name` the column.
+    pub fn server_counter(
+        &self,
+        file: &'static str,
+        group: &'static str,
+        name: &'static str,
+    ) -> u64 {
+        join(self.in_server(move || -> Result<u64> {
+            // thread-self: this thread is the one in the server's namespace.
+            let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))?;
+            let prefix = format!("{group}:");
+            let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+            while let (Some(h), Some(v)) = (lines.next(), lines.next()) {
+                for (k, x) in h.split_whitespace().zip(v.split_whitespace()) {
+                    if k == name {
+                        return Ok(x.parse()?);
+                    }
+                }
+            }
+            Err(anyhow!("no {group} {name} in /proc/net/{file}"))
+        }))
+        .and_then(|r| r)
+        .expect("reading a network counter")
+    }
+
+    /// Installs nftables `rules` (a whole `table inet NAME { … }`) in the
+    /// server's or the client's namespace, for as long as the guard lives.
+    pub fn nft(&self, server: bool, table: &'static str, rules: &str) -> NftTable {
+        let ns = if server {
+            &self.server_ns
+        } else {
+            &self.client_ns
+        };
+        let st = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", rules])
+            .status()
+            .expect("nft (cargo xtask test installs nftables)");
+        assert!(st.success(), "nft refused the rules");
+        NftTable {
+            ns: ns.clone(),
+            table,
+        }
+    }
+
     /// Number of TCX programs attached to the server's veth (ingress + egress).
     pub fn tcx_programs(&self) -> Result<usize> {
         let dev = self.server_if.clone();
@@ -228,4 +274,25 @@ pub fn spawn_in<T: Send + 'static>(
 /// Joins a lab thread, turning a panic into an error.
 pub fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {
     h.join().map_err(|_| anyhow!("lab thread panicked"))?
+}
+
+/// nftables rules a test installed (see `Lab::nft`), removed when dropped.
+pub struct NftTable {
+    ns: String,
+    table: &'static str,
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "nft",
+                "delete table inet",
+                self.table,
+            ])
+            .status();
+    }
 }

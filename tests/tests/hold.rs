@@ -78,24 +78,7 @@ fn polite(server: SocketAddr, patience: Duration) -> anyhow::Result<Held> {
 
 /// A TcpExt counter of the server namespace (/proc/net/netstat).
 fn tcp_ext(lab: &Lab, name: &'static str) -> u64 {
-    join(lab.in_server(move || {
-        // thread-self: this thread is the one in the server's namespace.
-        let text = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
-        let mut lines = text.lines();
-        while let (Some(h), Some(v)) = (lines.next(), lines.next()) {
-            if !h.starts_with("TcpExt:") {
-                continue;
-            }
-            for (k, x) in h.split_whitespace().zip(v.split_whitespace()) {
-                if k == name {
-                    return Ok(x.parse()?);
-                }
-            }
-        }
-        anyhow::bail!("no TcpExt {name}")
-    }))
-    .unwrap()
-    .unwrap()
+    lab.server_counter("netstat", "TcpExt", name)
 }
 
 fn sysctl(lab: &Lab, server: bool, key: &'static str, value: &'static str) {
@@ -534,33 +517,15 @@ fn h09_a_deferring_listener_is_named_and_still_served() {
 
 /// Drops segments to port 25 arriving on the server namespace's loopback (the
 /// agent's releases, and its repeated SYN) while it lives: a release lost.
-struct LoseReleases<'a>(&'a Lab);
-
-impl<'a> LoseReleases<'a> {
-    fn start(lab: &'a Lab) -> Self {
-        let rules = "table inet et_lose { chain input { type filter hook input priority 0; \
-                     iifname \"lo\" tcp dport 25 drop; }; }";
-        let st = std::process::Command::new("ip")
-            .args(["netns", "exec", &lab.server_ns, "nft", rules])
-            .status()
-            .expect("nft (cargo xtask test installs nftables)");
-        assert!(st.success(), "nft refused the rule");
-        LoseReleases(lab)
-    }
-}
-
-impl Drop for LoseReleases<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.0.server_ns,
-                "nft",
-                "delete table inet et_lose",
-            ])
-            .status();
-    }
+/// Drops, in the server's namespace, what arrives on `lo` for port 25: the
+/// agent's release ACKs (and nothing else: clients come in on the veth).
+fn lose_releases(lab: &Lab) -> NftTable {
+    lab.nft(
+        true,
+        "et_lose",
+        "table inet et_lose { chain input { type filter hook input priority 0; \
+         iifname \"lo\" tcp dport 25 drop; }; }",
+    )
 }
 
 #[test]
@@ -574,7 +539,7 @@ fn h10_a_lost_release_is_sent_again_and_the_worst_case_is_bounded() {
     let got = thread::scope(|sc| {
         let h = sc.spawn(|| polite_clients(&lab, 1, false, Duration::from_secs(10)));
         thread::sleep(Duration::from_millis(300));
-        let lose = LoseReleases::start(&lab);
+        let lose = lose_releases(&lab);
         thread::sleep(Duration::from_millis(350));
         drop(lose);
         h.join().unwrap()
@@ -597,7 +562,7 @@ fn h10_a_lost_release_is_sent_again_and_the_worst_case_is_bounded() {
     // the server's next SYN-ACK retransmission (3 s after its SYN) completes the
     // handshake once the release's grace has passed: the worst case.
     let mut agent = Agent::start(&lab, &["-a", "log", "-w", "0.5"]).unwrap();
-    let lose = LoseReleases::start(&lab);
+    let lose = lose_releases(&lab);
     let got = polite_clients(&lab, 1, false, Duration::from_secs(10));
     drop(lose);
     let h = &got[0];

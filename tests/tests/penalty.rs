@@ -57,20 +57,9 @@ fn napi_on_client_veth(lab: &Lab) -> aya::Ebpf {
     .unwrap()
 }
 
-/// Segments the server namespace's TCP received (/proc/net/snmp Tcp InSegs).
+/// Segments the server namespace's TCP received.
 fn tcp_in_segs(lab: &Lab) -> u64 {
-    join(lab.in_server(|| -> anyhow::Result<u64> {
-        let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
-        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-        let (h, v) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
-        h.split_whitespace()
-            .zip(v.split_whitespace())
-            .find(|(k, _)| *k == "InSegs")
-            .and_then(|(_, n)| n.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no Tcp InSegs"))
-    }))
-    .unwrap()
-    .unwrap()
+    lab.server_counter("snmp", "Tcp", "InSegs")
 }
 
 /// A counter from `status`, once it reaches `want` (the snapshot is refreshed

@@ -57,13 +57,8 @@ fn t1_evictions_are_repaired_and_tracking_stays_right() {
     .unwrap();
     // 200 handshakes that never complete against a half-open table of 64: the
     // LRU map evicts, and each eviction leaves its bucket's count one too
-    // high. (One SYN-ACK retransmission, set after the agent read the retry
-    // budget, then the server gives up and the table is quiet.)
-    let path = "/proc/sys/net/ipv4/tcp_synack_retries";
-    join(lab.in_server(move || std::fs::write(path, "1")))
-        .unwrap()
-        .unwrap();
-    let lost = ClientAcksLost::start(&lab);
+    // high. (The server gives up on them soon, and the table is quiet.)
+    let lost = never_completing(&lab);
     let clients = join(lab.in_client(move || {
         let hs: Vec<_> = (0..200)
             .map(|_| {
@@ -130,13 +125,8 @@ fn t2_entries_of_connections_long_gone_are_swept() {
         String::from_utf8_lossy(&run.received)
     );
     // A client whose handshake never completes (its own ACKs are lost): the
-    // server's SYN-ACK is remembered and never answered. One retransmission
-    // (set after the agent read the retry budget), then the server gives up.
-    let path = "/proc/sys/net/ipv4/tcp_synack_retries";
-    join(lab.in_server(move || std::fs::write(path, "1")))
-        .unwrap()
-        .unwrap();
-    let _lost = ClientAcksLost::start(&lab);
+    // server's SYN-ACK is remembered and never answered.
+    let _lost = never_completing(&lab);
     let r = join(
         lab.in_client(move || TcpStream::connect_timeout(&server, Duration::from_millis(1500))),
     )
@@ -151,35 +141,20 @@ fn t2_entries_of_connections_long_gone_are_swept() {
     agent.stop().unwrap();
 }
 
-/// Drops, in the client's namespace, its TCP segments to port 25 that carry an
-/// ACK (the handshake's last one and all after it), while alive.
-struct ClientAcksLost<'a>(&'a Lab);
-
-impl<'a> ClientAcksLost<'a> {
-    fn start(lab: &'a Lab) -> Self {
-        let rules = "table inet et_acks { chain output { type filter hook output priority 0; \
-                     tcp dport 25 tcp flags & ack == ack drop; }; }";
-        let st = std::process::Command::new("ip")
-            .args(["netns", "exec", &lab.client_ns, "nft", rules])
-            .status()
-            .expect("nft (cargo xtask test installs nftables)");
-        assert!(st.success(), "nft refused the rule");
-        ClientAcksLost(lab)
-    }
-}
-
-impl Drop for ClientAcksLost<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.0.client_ns,
-                "nft",
-                "delete table inet et_acks",
-            ])
-            .status();
-    }
+/// Handshakes that never complete: the client's ACKs to port 25 are dropped in
+/// its own namespace while the guard lives, and the server retransmits its
+/// SYN-ACK once (set after the agent read the retry budget), then gives up.
+fn never_completing(lab: &Lab) -> NftTable {
+    let path = "/proc/sys/net/ipv4/tcp_synack_retries";
+    join(lab.in_server(move || std::fs::write(path, "1")))
+        .unwrap()
+        .unwrap();
+    lab.nft(
+        false,
+        "et_acks",
+        "table inet et_acks { chain output { type filter hook output priority 0; \
+         tcp dport 25 tcp flags & ack == ack drop; }; }",
+    )
 }
 
 /// One polite client: how long after its connect() returned the greeting came.
