@@ -9,12 +9,17 @@
 //!   bytes before that are early talk: denied (dropped; the agent answers and
 //!   resets the request socket) or let through, which completes the handshake.
 //!
+//! With a penalty configured, a third program (`xdp`) refuses boxed clients'
+//! SYNs at XDP.
+//!
 //! Only TCP whose server port is in PORTS is looked at; everything else leaves after
-//! a few loads. No payload is parsed: at most the first 64 client bytes are copied,
+//! a few loads. A segment of a connection in neither map leaves after one more
+//! (the TRACKED filter). No payload is parsed: at most the first 64 client bytes are copied,
 //! and the TCP options of SYNs, SYN-ACKs and held ACKs are read.
 //!
-//! Stages: `parse` (headers, options), `maps` (maps, counters, configuration),
-//! `conn` (a connection's life), `emit` (records for the agent); this file only
+//! Stages: `parse` (headers, options), `maps` (maps, the filter, counters,
+//! configuration), `conn` (a connection's life), `emit` (records for the agent),
+//! `xdp` (the penalty box); this file only
 //! dispatches each segment by direction and kind. Types and numbers shared with
 //! the agent come from earlytalker-common.
 #![no_std]
