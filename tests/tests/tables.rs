@@ -37,24 +37,19 @@ fn filter_exact(s: &Value) -> bool {
 
 #[test]
 fn t1_evictions_are_repaired_and_tracking_stays_right() {
-    require_root();
-    let lab = Lab::new().unwrap();
-    let resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let (lab, resp, mut agent) = Rig::builder(&[
+        "-a",
+        "log",
+        "-w",
+        "1",
+        "--max-connections",
+        "64",
+        "--sweep-every",
+        "1s",
+    ])
+    .start()
+    .into_parts();
     let server = SocketAddr::new(lab.server_addr(false), PORT);
-    let mut agent = Agent::start(
-        &lab,
-        &[
-            "-a",
-            "log",
-            "-w",
-            "1",
-            "--max-connections",
-            "64",
-            "--sweep-every",
-            "1s",
-        ],
-    )
-    .unwrap();
     // 200 handshakes that never complete against a half-open table of 64: the
     // LRU map evicts, and each eviction leaves its bucket's count one too
     // high. (The server gives up on them soon, and the table is quiet.)
@@ -99,24 +94,19 @@ fn t1_evictions_are_repaired_and_tracking_stays_right() {
 
 #[test]
 fn t2_entries_of_connections_long_gone_are_swept() {
-    require_root();
-    let lab = Lab::new().unwrap();
-    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let (lab, _resp, mut agent) = Rig::builder(&[
+        "-a",
+        "deny",
+        "-w",
+        "1",
+        "--sweep-every",
+        "1s",
+        "--stale-after",
+        "2s",
+    ])
+    .start()
+    .into_parts();
     let server = SocketAddr::new(lab.server_addr(false), PORT);
-    let mut agent = Agent::start(
-        &lab,
-        &[
-            "-a",
-            "deny",
-            "-w",
-            "1",
-            "--sweep-every",
-            "1s",
-            "--stale-after",
-            "2s",
-        ],
-    )
-    .unwrap();
     // A denied bot's entry stays, to drop its retransmissions.
     let run = lab.bot(server, b"EHLO bot\r\n", false);
     assert!(
@@ -166,26 +156,21 @@ fn greeted_after(lab: &Lab, server: SocketAddr) -> Duration {
 
 #[test]
 fn t3_the_wait_shortens_under_stress_and_comes_back() {
-    require_root();
-    let lab = Lab::new().unwrap();
-    let _resp = Responder::start(&lab, PORT, Duration::ZERO).unwrap();
+    let (lab, _resp, mut agent) = Rig::builder(&[
+        "-a",
+        "log",
+        "-w",
+        "3",
+        "--wait-under-stress",
+        "0.5",
+        "--stress-threshold",
+        "0.5",
+        "--max-connections",
+        "64",
+    ])
+    .start()
+    .into_parts();
     let server = SocketAddr::new(lab.server_addr(false), PORT);
-    let mut agent = Agent::start(
-        &lab,
-        &[
-            "-a",
-            "log",
-            "-w",
-            "3",
-            "--wait-under-stress",
-            "0.5",
-            "--stress-threshold",
-            "0.5",
-            "--max-connections",
-            "64",
-        ],
-    )
-    .unwrap();
     // 40 held at once fill the tables to 40/64, past the threshold.
     let crowd = lab.in_client(move || {
         let hs: Vec<_> = (0..40)
