@@ -289,11 +289,15 @@ fn round(
     if swept + repaired > 0 {
         log::debug!("swept {swept} stale kernel entries, repaired {repaired} filter counts");
     }
-    let now: Vec<u64> = buckets.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    // Counts after the repair (`now` above is the clock's).
+    let counts: Vec<u32> = buckets
+        .iter()
+        .map(|c| count(c.load(Ordering::Relaxed)))
+        .collect();
     Fill {
         entries: truth.iter().map(|&t| u64::from(t)).sum(),
-        counted: now.iter().map(|&v| u64::from(count(v))).sum(),
-        in_use: now.iter().filter(|&&v| count(v) != 0).count() as u64,
+        counted: counts.iter().map(|&c| u64::from(c)).sum(),
+        in_use: counts.iter().filter(|&&c| c != 0).count() as u64,
     }
 }
 
