@@ -181,6 +181,12 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub penalty_action: Option<PenaltyAction>,
 
+    /// Share passes and early talks with the other relays of the fleet through
+    /// Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://… (TLS) or
+    /// unix:///PATH [default: off]
+    #[arg(long, value_name = "URL", value_parser = crate::fleet::CacheUrl::parse)]
+    pub shared_cache: Option<crate::fleet::CacheUrl>,
+
     /// What to do with an early talker [default: denysoft]
     #[arg(short, long, value_enum)]
     pub action: Option<Action>,
@@ -294,6 +300,7 @@ pub struct FileConfig {
     pub stress_threshold: Option<f64>,
     pub penalty: Option<String>,
     pub penalty_action: Option<PenaltyAction>,
+    pub shared_cache: Option<String>,
     pub action: Option<Action>,
     pub defer_reject: Option<bool>,
     pub pipeconnect: Option<Pipeconnect>,
@@ -515,6 +522,8 @@ pub struct Fixed {
     /// The penalty box (its XDP program is attached only when set).
     pub penalty: Option<Penalty>,
     pub penalty_action: PenaltyAction,
+    /// The fleet's shared cache (serialized masked).
+    pub shared_cache: Option<crate::fleet::CacheUrl>,
 }
 
 impl Fixed {
@@ -713,6 +722,13 @@ impl Settings {
                     .penalty_action
                     .or(f.penalty_action)
                     .unwrap_or(PenaltyAction::Rst),
+                shared_cache: match (cli.shared_cache.clone(), f.shared_cache) {
+                    (Some(u), _) => Some(u),
+                    (None, Some(text)) => Some(
+                        crate::fleet::CacheUrl::parse(&text).map_err(|e| fe("shared_cache", &e))?,
+                    ),
+                    (None, None) => None,
+                },
             },
         })
     }

@@ -23,6 +23,11 @@ pub enum AgentStat {
     StaleSwept,
     FilterRepairs,
     Penalties,
+    SharedPublished,
+    SharedReceived,
+    SharedIgnored,
+    SharedDropped,
+    SharedOutages,
 }
 
 pub struct AgentStatInfo {
@@ -44,7 +49,7 @@ const fn s(stat: AgentStat, name: &'static str, help: &'static str, metric: bool
 }
 
 /// Indexed by `AgentStat`.
-pub const AGENT_STATS: [AgentStatInfo; 12] = [
+pub const AGENT_STATS: [AgentStatInfo; 17] = [
     s(
         AgentStat::Deny,
         "action_deny",
@@ -117,6 +122,36 @@ pub const AGENT_STATS: [AgentStatInfo; 12] = [
         "Addresses put in the penalty box (--penalty)",
         true,
     ),
+    s(
+        AgentStat::SharedPublished,
+        "shared_cache_published",
+        "Passes and early talks this relay published to the shared cache (--shared-cache)",
+        true,
+    ),
+    s(
+        AgentStat::SharedReceived,
+        "shared_cache_received",
+        "Passes and early talks of other relays read from the shared cache",
+        true,
+    ),
+    s(
+        AgentStat::SharedIgnored,
+        "shared_cache_ignored",
+        "Unreadable messages or values in the shared cache, ignored",
+        true,
+    ),
+    s(
+        AgentStat::SharedDropped,
+        "shared_cache_dropped",
+        "News for the shared cache dropped (the queue was full during an outage)",
+        true,
+    ),
+    s(
+        AgentStat::SharedOutages,
+        "shared_cache_outages",
+        "Times the shared cache became unreachable",
+        true,
+    ),
 ];
 
 const _: () = {
@@ -146,6 +181,10 @@ pub struct Counts(Arc<[AtomicU64; AGENT_STATS.len()]>);
 impl Counts {
     pub fn add(&self, s: AgentStat) {
         self.0[s as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_n(&self, s: AgentStat, n: u64) {
+        self.0[s as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self, s: AgentStat) -> u64 {

@@ -7,6 +7,7 @@ use crate::{
     config::{self, RunArgs, Settings},
     counts::Counts,
     diag::Diag,
+    fleet,
     forge::Raw,
     iface, listen, listeners,
     loader::{self, Features, Guard},
@@ -172,6 +173,17 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
     if let Some(addr) = settings.fixed.metrics_listen {
         metrics::serve(addr, snap.clone()).map_err(StartError::Service)?;
     }
+    // The fleet task runs on the event loop's runtime, from its first await.
+    let fleet = settings.fixed.shared_cache.clone().map(|url| {
+        let _rt = rt.enter();
+        let status = Arc::new(Mutex::new(fleet::Status::default()));
+        let (publisher, heard) = fleet::start(url, counts.clone(), status.clone());
+        Fleet {
+            publisher,
+            heard,
+            status,
+        }
+    });
     let grace = u64::try_from(NO_GREETING_GRACE.as_nanos()).unwrap_or(u64::MAX);
     let releaser = Releaser::start(release_parts).map_err(StartError::Service)?;
     let keeper = tracked::Keeper::start(sweep_parts).map_err(StartError::Service)?;
@@ -183,6 +195,7 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
             releaser: Some(releaser),
             counts,
             penalty,
+            fleet: fleet.as_ref().map(|f| f.publisher.clone()),
         },
         snap.clone(),
         &settings.live,
@@ -205,6 +218,7 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         queues,
         listeners: Vec::new(),
         stress: Stress::default(),
+        fleet,
         ticks: 0,
         lost_seen: 0,
         last_save: Instant::now(),
@@ -247,6 +261,12 @@ async fn services(
     status::serve(f.control_socket.clone(), snap.clone()).await
 }
 
+struct Fleet {
+    publisher: fleet::Publisher,
+    heard: tokio::sync::mpsc::Receiver<fleet::Heard>,
+    status: Arc<Mutex<fleet::Status>>,
+}
+
 struct Daemon {
     /// Asks the MTA about PIPECONNECT now and then, off the event loop.
     prober: Prober,
@@ -268,6 +288,8 @@ struct Daemon {
     queues: Diag,
     listeners: Vec<std::net::SocketAddr>,
     stress: Stress,
+    /// `--shared-cache`: the fleet task's ends and what it reports.
+    fleet: Option<Fleet>,
     ticks: u64,
     lost_seen: u64,
     last_save: Instant,
@@ -314,6 +336,13 @@ impl Daemon {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = sighup.recv() => self.on_reload(),
+                h = async { self.fleet.as_mut().expect("guarded").heard.recv().await }, if self.fleet.is_some() => {
+                    match h {
+                        Some(h) => self.on_heard(h),
+                        // The fleet task ended (it logged why): local state only.
+                        None => self.fleet = None,
+                    }
+                }
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -426,6 +455,60 @@ impl Daemon {
                 log::error!("reload refused, the old configuration stays: {e:#}");
                 self.out
                     .reloaded(&self.s, self.advertised, &[], Some(&format!("{e:#}")));
+            }
+        }
+    }
+
+    /// News from the fleet: another relay's pass goes into the kernel's pass
+    /// cache, another relay's early talker loses its pass here and counts
+    /// towards the penalty box; after a (re)connection, our passes go out.
+    fn on_heard(&mut self, h: fleet::Heard) {
+        let ttl = self.s.live.pass_ttl;
+        let (now_ms, now_ns) = (fleet::unix_ms(SystemTime::now()), monotonic_ns());
+        match h {
+            fleet::Heard::Connected => {
+                if ttl.is_zero() {
+                    return;
+                }
+                let passes = self
+                    .local_passes(now_ns)
+                    .into_iter()
+                    .map(|(a, age)| (a, now_ms.saturating_sub(age.as_millis() as u64)))
+                    .collect();
+                if let Some(f) = &self.fleet {
+                    f.publisher.send(fleet::Note::Snapshot { passes, ttl });
+                }
+            }
+            fleet::Heard::Pass(w) => {
+                if ttl.is_zero() || now_ms.saturating_sub(w.at_ms) >= ttl.as_millis() as u64 {
+                    return;
+                }
+                let t = fleet::mono_of(w.at_ms, now_ms, now_ns);
+                match self.guard.learn_pass(&loader::mapped(w.addr), t) {
+                    Ok(true) => log::debug!("pass of {} learnt from {}", w.addr, w.relay),
+                    Ok(false) => {}
+                    Err(e) => log::warn!("pass of {} from {} not recorded: {e:#}", w.addr, w.relay),
+                }
+            }
+            fleet::Heard::Talk(w) => {
+                log::debug!("{} talked early at {}", w.addr, w.relay);
+                let t = fleet::mono_of(w.at_ms, now_ms, now_ns);
+                if let Err(e) = self.guard.forget_pass_before(&loader::mapped(w.addr), t) {
+                    log::warn!("pass of {} not dropped: {e:#}", w.addr);
+                }
+                let boxed = self
+                    .pipeline
+                    .penalty
+                    .as_mut()
+                    .and_then(|b| b.offend(w.addr, now_ns));
+                if let Some(until) = boxed {
+                    self.pipeline
+                        .counts
+                        .add(crate::counts::AgentStat::Penalties);
+                    self.out
+                        .penalty(w.addr, Duration::from_nanos(until.saturating_sub(now_ns)));
+                    self.out.flush();
+                }
             }
         }
     }
@@ -547,6 +630,10 @@ impl Daemon {
         snap.conns_capacity = u64::from(self.s.fixed.max_connections);
         snap.passed_capacity = u64::from(DEFAULT_MAX_PASSED);
         snap.verdict_store = store_len as u64;
+        snap.fleet = self
+            .fleet
+            .as_ref()
+            .map(|f| f.status.lock().expect("fleet status lock").clone());
         if let Some(n) = n_conns {
             snap.conns = n;
             snap.held_now = held;
@@ -557,23 +644,26 @@ impl Daemon {
         lost
     }
 
-    fn save_passes(&self) {
-        if self.s.live.pass_ttl.is_zero() {
-            return;
-        }
-        let now = monotonic_ns();
-        let entries: Vec<(IpAddr, Duration)> = self
-            .guard
+    /// The kernel's pass cache as (address, age), without expired entries.
+    fn local_passes(&self, now_ns: u64) -> Vec<(IpAddr, Duration)> {
+        self.guard
             .passed()
             .into_iter()
             .map(|(a, t)| {
                 (
                     Ipv6Addr::from(a).to_canonical(),
-                    Duration::from_nanos(now.saturating_sub(t)),
+                    Duration::from_nanos(now_ns.saturating_sub(t)),
                 )
             })
             .filter(|(_, age)| *age < self.s.live.pass_ttl)
-            .collect();
+            .collect()
+    }
+
+    fn save_passes(&self) {
+        if self.s.live.pass_ttl.is_zero() {
+            return;
+        }
+        let entries = self.local_passes(monotonic_ns());
         if let Err(e) = passcache::save(&self.s.fixed.state_dir, &entries, SystemTime::now()) {
             log::warn!("pass cache not saved: {e:#}");
         }

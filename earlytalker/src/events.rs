@@ -67,6 +67,9 @@ pub struct Verdict {
     pub payload: Vec<u8>,
     /// What was done to an early talker.
     pub action: Taken,
+    /// A pass that went through a real hold (not one let by the pass cache):
+    /// the kernel recorded it in the pass cache, if that is on.
+    pub earned_pass: bool,
 }
 
 fn addr(raw: [u8; 16]) -> IpAddr {
@@ -110,6 +113,7 @@ pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: Taken)
         greeting_after_ms: (end == End::Greeting).then(|| ms_between(conn.established_ns, now_ns)),
         payload: conn.payload[..len].to_vec(),
         action,
+        earned_pass: kind == Kind::Pass && !conn.has(ConnFlags::PASS_CACHED),
     }
 }
 

@@ -23,6 +23,7 @@ pub mod counts;
 pub mod daemon;
 pub mod diag;
 pub mod events;
+pub mod fleet;
 pub mod forge;
 pub mod iface;
 pub mod journal;

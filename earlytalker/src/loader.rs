@@ -245,6 +245,36 @@ impl Guard {
         Ok(n)
     }
 
+    /// Records a pass another relay saw at `t` (CLOCK_MONOTONIC ns), unless
+    /// this relay knows a later one; true if it was recorded.
+    pub fn learn_pass(&mut self, addr: &[u8; 16], t: u64) -> Result<bool> {
+        let mut m: HashMap<_, [u8; 16], u64> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_PASSED)
+                .context("PASSED map missing")?,
+        )?;
+        if m.get(addr, 0).is_ok_and(|mine| mine >= t) {
+            return Ok(false);
+        }
+        m.insert(addr, t, 0)?;
+        Ok(true)
+    }
+
+    /// Drops `addr`'s pass if it has one from before `t` (CLOCK_MONOTONIC
+    /// ns), when another relay saw it talk early.
+    pub fn forget_pass_before(&mut self, addr: &[u8; 16], t: u64) -> Result<()> {
+        let mut m: HashMap<_, [u8; 16], u64> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_PASSED)
+                .context("PASSED map missing")?,
+        )?;
+        // Most addresses the fleet hears of never passed here.
+        if !m.get(addr, 0).is_ok_and(|passed| passed <= t) {
+            return Ok(());
+        }
+        Ok(m.remove(addr)?)
+    }
+
     /// Tracked connections and how many of them are held right now (before the
     /// MTA could accept them).
     pub fn conn_fill(&self, now_ns: u64) -> (u64, u64) {

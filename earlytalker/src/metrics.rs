@@ -62,6 +62,13 @@ pub fn render(s: &Snapshot) -> String {
         "Buckets of the kernel's tracked-connection filter in use (the share of watched-port segments that need a hash look-up), as of the last sweep",
         ConstGauge::new(s.filter.in_use as i64),
     );
+    if let Some(f) = &s.fleet {
+        reg.register(
+            "shared_cache_up",
+            "1 while the fleet's shared cache (--shared-cache) is reachable",
+            ConstGauge::new(i64::from(f.state == "up")),
+        );
+    }
     let entries = Family::<Vec<(String, String)>, Gauge>::default();
     let capacity = Family::<Vec<(String, String)>, Gauge>::default();
     for (map, n, cap) in [

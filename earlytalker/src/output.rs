@@ -310,6 +310,10 @@ impl Out {
             json["penalty"] = json!({"n": p.n, "window": p.window.as_secs(), "ttl": p.ttl.as_secs(),
                 "action": s.fixed.penalty_action, "xdp_mode": mode});
         }
+        if let Some(u) = &s.fixed.shared_cache {
+            let _ = write!(text, " shared_cache={u}");
+            json["shared_cache"] = u.to_string().into();
+        }
         json["event"] = "started".into();
         json["version"] = env!("CARGO_PKG_VERSION").into();
         json["kernel"] = f.kernel.clone().into();

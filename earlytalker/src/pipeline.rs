@@ -7,6 +7,7 @@ use crate::{
     config::{Action, Live, Taken},
     counts::{AgentStat, Counts},
     events::{self, client_of, decode, server_of, DecodeError, Dedupe, End, Kind, Record, Tracker},
+    fleet,
     output::Out,
     penalty::PenaltyBox,
     release::Releaser,
@@ -34,6 +35,8 @@ pub struct Hands {
     pub counts: Counts,
     /// `--penalty`: None when off.
     pub penalty: Option<PenaltyBox>,
+    /// `--shared-cache`: None when off.
+    pub fleet: Option<fleet::Publisher>,
 }
 
 pub struct Pipeline {
@@ -52,6 +55,9 @@ pub struct Pipeline {
     defer_reject: bool,
     rejects_seen: HashSet<DecodeError>,
     pub penalty: Option<PenaltyBox>,
+    fleet: Option<fleet::Publisher>,
+    /// How long a pass lasts (0: the pass cache is off, nothing to share).
+    pass_ttl: std::time::Duration,
 }
 
 impl Pipeline {
@@ -79,6 +85,8 @@ impl Pipeline {
             defer_reject: live.defer_reject,
             rejects_seen: HashSet::new(),
             penalty: hands.penalty,
+            fleet: hands.fleet,
+            pass_ttl: live.pass_ttl,
         }
     }
 
@@ -86,6 +94,7 @@ impl Pipeline {
     pub fn set_policy(&mut self, live: &Live) {
         self.action = live.action;
         self.defer_reject = live.defer_reject;
+        self.pass_ttl = live.pass_ttl;
         self.tracker.set_action(live.taken());
     }
 
@@ -199,6 +208,7 @@ impl Pipeline {
                 .update_bytes(&v.client, v.bytes);
         }
         self.out.verdict(v);
+        self.share(v);
         if v.kind == Kind::EarlyTalker {
             let now = crate::release::monotonic_ns();
             if let Some(until) = self
@@ -212,6 +222,23 @@ impl Pipeline {
             }
         }
         self.snap.lock().expect("snapshot lock").push_recent(v);
+    }
+
+    /// Tells the fleet what the kernel just recorded: a pass it earned, or an
+    /// early talk (which cost it its pass).
+    fn share(&self, v: &events::Verdict) {
+        let Some(f) = &self.fleet else { return };
+        let at_ms = fleet::unix_ms(std::time::SystemTime::now());
+        let addr = v.client.ip();
+        match v.kind {
+            Kind::Pass if v.earned_pass && !self.pass_ttl.is_zero() => f.send(fleet::Note::Pass {
+                addr,
+                at_ms,
+                ttl: self.pass_ttl,
+            }),
+            Kind::EarlyTalker => f.send(fleet::Note::Talk { addr, at_ms }),
+            _ => {}
+        }
     }
 
     /// deny/denysoft: reply in place of the greeting, tear the MTA's socket down.
@@ -258,6 +285,7 @@ mod tests {
                 releaser: None,
                 counts: Counts::default(),
                 penalty: None,
+                fleet: None,
             },
             status::Shared::default(),
             &Live {

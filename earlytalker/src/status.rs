@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub stress: bool,
     /// Addresses in the penalty box now; None when it is off.
     pub penalty_box: Option<u64>,
+    /// The fleet's shared cache; None when it is off.
+    pub fleet: Option<crate::fleet::Status>,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -75,6 +77,7 @@ impl Snapshot {
             "started_unix": self.started_unix,
             "stress": self.stress,
             "penalty_box_entries": self.penalty_box,
+            "shared_cache": self.fleet,
             "tracked_filter": {
                 "entries": self.filter.entries,
                 "counted": self.filter.counted,

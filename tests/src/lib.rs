@@ -16,6 +16,7 @@ pub mod lab;
 pub mod mta;
 pub mod opensmtpd;
 pub mod postfix;
+pub mod redis;
 pub mod responder;
 mod rig;
 pub mod sendmail;

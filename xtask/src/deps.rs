@@ -26,8 +26,17 @@ pub fn build_packages(llvm_major: u32) -> Vec<String> {
 /// clients (swaks, msmtp, curl, Python's smtplib), systemd-analyze for the
 /// shipped unit, and m4 (Sendmail's configuration is built with it).
 pub const TEST_PACKAGES: &[&str] = &[
-    "iproute2", "swaks", "msmtp", "curl", "python3", "systemd", "m4", "nftables", "lintian",
+    "iproute2",
+    "swaks",
+    "msmtp",
+    "curl",
+    "python3",
+    "systemd",
+    "m4",
+    "nftables",
+    "lintian",
     "fail2ban",
+    "redis-server",
 ];
 
 /// An MTA the suite runs from a private copy.

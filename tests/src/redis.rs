@@ -1,0 +1,149 @@
+//! A private `redis-server` (Debian's package) for the fleet tests: on a Unix
+//! socket every lab's agent reaches across network namespaces, or on TCP
+//! loopback inside one namespace. No persistence; killed on drop.
+
+use anyhow::{bail, Context, Result};
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub struct Redis {
+    child: Option<Child>,
+    dir: PathBuf,
+    /// The network namespace it runs in (TCP), or None (a Unix socket).
+    ns: Option<String>,
+    port: u16,
+    password: Option<String>,
+}
+
+impl Redis {
+    /// On a Unix socket in a fresh directory.
+    pub fn on_socket() -> Result<Self> {
+        Self::start(None, 0, None)
+    }
+
+    /// On 127.0.0.1:`port` inside network namespace `ns`, with a password.
+    pub fn in_namespace(ns: &str, port: u16, password: &str) -> Result<Self> {
+        Self::start(Some(ns.to_string()), port, Some(password.to_string()))
+    }
+
+    fn start(ns: Option<String>, port: u16, password: Option<String>) -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("et-redis-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir)?;
+        let mut r = Redis {
+            child: None,
+            dir,
+            ns,
+            port,
+            password,
+        };
+        r.restart()?;
+        Ok(r)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
+    /// The URL an agent is given.
+    pub fn url(&self) -> String {
+        match (&self.ns, &self.password) {
+            (None, _) => format!("unix://{}", self.socket().display()),
+            (Some(_), Some(p)) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            (Some(_), None) => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// Starts it (again, on the same socket or port, empty), and waits
+    /// (bounded) until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "redis-server"]);
+                c
+            }
+            None => Command::new("redis-server"),
+        };
+        cmd.arg("--port").arg(self.port.to_string());
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        cmd.args(["--daemonize", "no", "--dir"]).arg(&self.dir);
+        if self.ns.is_none() {
+            let _ = std::fs::remove_file(self.socket());
+            cmd.arg("--unixsocket")
+                .arg(self.socket())
+                .args(["--unixsocketperm", "700"]);
+        }
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (Debian package redis-server)")?;
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.cli(&["PING"]).is_ok_and(|o| o.trim() == "PONG") {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                bail!("redis-server did not answer within 10 s");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: an outage without a goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// One redis-cli command; its output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "redis-cli", "-h", "127.0.0.1", "-p"])
+                    .arg(self.port.to_string());
+                c
+            }
+            None => {
+                let mut c = Command::new("redis-cli");
+                c.arg("-s").arg(self.socket());
+                c
+            }
+        };
+        if let Some(p) = &self.password {
+            cmd.args(["--no-auth-warning", "-a", p]);
+        }
+        let out = cmd.args(args).output().context("running redis-cli")?;
+        if !out.status.success() {
+            bail!("redis-cli: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
