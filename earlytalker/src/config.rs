@@ -184,8 +184,10 @@ pub struct RunArgs {
     /// Share passes and early talks with the other relays of the fleet through
     /// Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://… (TLS) or
     /// unix:///PATH [default: off]
-    #[arg(long, value_name = "URL", value_parser = crate::fleet::CacheUrl::parse)]
-    pub shared_cache: Option<crate::fleet::CacheUrl>,
+    // Checked in Settings::build: clap's own error would repeat the value,
+    // password included.
+    #[arg(long, value_name = "URL")]
+    pub shared_cache: Option<String>,
 
     /// What to do with an early talker [default: denysoft]
     #[arg(short, long, value_enum)]
@@ -722,10 +724,13 @@ impl Settings {
                     .penalty_action
                     .or(f.penalty_action)
                     .unwrap_or(PenaltyAction::Rst),
-                shared_cache: match (cli.shared_cache.clone(), f.shared_cache) {
-                    (Some(u), _) => Some(u),
+                shared_cache: match (&cli.shared_cache, &f.shared_cache) {
+                    (Some(text), _) => Some(
+                        crate::fleet::CacheUrl::parse(text)
+                            .map_err(|e| anyhow::anyhow!("--shared-cache: {e}"))?,
+                    ),
                     (None, Some(text)) => Some(
-                        crate::fleet::CacheUrl::parse(&text).map_err(|e| fe("shared_cache", &e))?,
+                        crate::fleet::CacheUrl::parse(text).map_err(|e| fe("shared_cache", &e))?,
                     ),
                     (None, None) => None,
                 },
@@ -1066,6 +1071,56 @@ mod tests {
         assert_eq!(s.live.action, Action::Log);
         assert_eq!(s.live.allow.len(), 2);
         assert_eq!(s.live.pass_ttl, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn shared_cache_from_flag_or_file_masked_and_checked() {
+        let s = with_file(&[], "shared_cache = \"redis://:pw1@10.0.0.5:6379/0\"\n").unwrap();
+        let u = s.fixed.shared_cache.as_ref().unwrap();
+        assert_eq!(u.to_string(), "redis://:****@10.0.0.5:6379/0");
+        let flag = settings(&["--shared-cache", "unix:///run/redis.sock"]).unwrap();
+        assert_eq!(
+            flag.fixed.shared_cache.unwrap().to_string(),
+            "unix:///run/redis.sock"
+        );
+        let e = with_file(&[], "shared_cache = \"memcache://:pw1@h/\"\n").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("shared_cache") && !e.contains("pw1"), "{e}");
+        let e = format!(
+            "{:#}",
+            settings(&["--shared-cache", "redis//:pw1@h"]).unwrap_err()
+        );
+        assert!(
+            e.starts_with("--shared-cache: ") && !e.contains("pw1"),
+            "{e}"
+        );
+        // A change of URL needs a restart, and is named without the password.
+        let mut b = s.clone();
+        b.fixed.shared_cache = None;
+        assert_eq!(s.fixed.changes(&b.fixed), vec!["shared_cache"]);
+    }
+
+    #[test]
+    fn shipped_example_settings_commented_out_are_valid_too() {
+        let text: String = include_str!("../dist/earlytalker.toml")
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if ["penalty", "shared_cache"]
+                        .iter()
+                        .any(|k| rest.starts_with(k)) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        let cli = parse(&[]).unwrap().run;
+        let s = Settings::build(&cli, Some(file), || Ok("eth0".into())).unwrap();
+        assert!(s.fixed.penalty.is_some());
+        assert!(s.fixed.shared_cache.is_some());
     }
 
     #[test]

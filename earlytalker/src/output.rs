@@ -193,6 +193,8 @@ pub fn config_json(s: &Settings, advertised: Option<bool>) -> Value {
         "control_socket": s.fixed.control_socket,
         "config": s.fixed.config,
         "close_grace": s.fixed.close_grace.as_secs_f64(),
+        // Masked: the password never leaves the agent.
+        "shared_cache": s.fixed.shared_cache.as_ref().map(ToString::to_string),
     })
 }
 

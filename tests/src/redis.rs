@@ -17,20 +17,33 @@ pub struct Redis {
     ns: Option<String>,
     port: u16,
     password: Option<String>,
+    /// TLS only (`--tls-port`), with a CA and a certificate for 127.0.0.1
+    /// made for the occasion.
+    tls: bool,
 }
 
 impl Redis {
     /// On a Unix socket in a fresh directory.
     pub fn on_socket() -> Result<Self> {
-        Self::start(None, 0, None)
+        Self::start(None, 0, None, false)
     }
 
     /// On 127.0.0.1:`port` inside network namespace `ns`, with a password.
     pub fn in_namespace(ns: &str, port: u16, password: &str) -> Result<Self> {
-        Self::start(Some(ns.to_string()), port, Some(password.to_string()))
+        Self::start(
+            Some(ns.to_string()),
+            port,
+            Some(password.to_string()),
+            false,
+        )
     }
 
-    fn start(ns: Option<String>, port: u16, password: Option<String>) -> Result<Self> {
+    /// `in_namespace`, over TLS only; `ca()` is the CA to trust.
+    pub fn in_namespace_tls(ns: &str, port: u16, password: &str) -> Result<Self> {
+        Self::start(Some(ns.to_string()), port, Some(password.to_string()), true)
+    }
+
+    fn start(ns: Option<String>, port: u16, password: Option<String>, tls: bool) -> Result<Self> {
         let dir =
             std::env::temp_dir().join(format!("et-redis-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir)?;
@@ -40,7 +53,11 @@ impl Redis {
             ns,
             port,
             password,
+            tls,
         };
+        if tls {
+            r.make_certificates()?;
+        }
         r.restart()?;
         Ok(r)
     }
@@ -49,13 +66,82 @@ impl Redis {
         self.dir.join("redis.sock")
     }
 
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
     /// The URL an agent is given.
     pub fn url(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
         match (&self.ns, &self.password) {
             (None, _) => format!("unix://{}", self.socket().display()),
-            (Some(_), Some(p)) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
-            (Some(_), None) => format!("redis://127.0.0.1:{}/0", self.port),
+            (Some(_), Some(p)) => format!("{scheme}://:{p}@127.0.0.1:{}/0", self.port),
+            (Some(_), None) => format!("{scheme}://127.0.0.1:{}/0", self.port),
         }
+    }
+
+    /// A CA, and a server certificate for IP 127.0.0.1 that it signed.
+    fn make_certificates(&self) -> Result<()> {
+        let d = &self.dir;
+        let openssl = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl")
+                .current_dir(d)
+                .args(args)
+                .output()
+                .context("running openssl")?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=earlytalker test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ])?;
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ])
     }
 
     /// Starts it (again, on the same socket or port, empty), and waits
@@ -70,7 +156,19 @@ impl Redis {
             }
             None => Command::new("redis-server"),
         };
-        cmd.arg("--port").arg(self.port.to_string());
+        if self.tls {
+            cmd.args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(self.dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(self.dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(self.ca())
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.arg("--port").arg(self.port.to_string());
+        }
         cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
         cmd.args(["--daemonize", "no", "--dir"]).arg(&self.dir);
         if self.ns.is_none() {
@@ -109,6 +207,18 @@ impl Redis {
         }
     }
 
+    /// SIGSTOP (true) or SIGCONT (false): a server that hangs, connections open.
+    pub fn freeze(&self, on: bool) {
+        if let Some(c) = &self.child {
+            let sig = if on {
+                nix::sys::signal::Signal::SIGSTOP
+            } else {
+                nix::sys::signal::Signal::SIGCONT
+            };
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
     /// One redis-cli command; its output.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let mut cmd = match &self.ns {
@@ -126,6 +236,9 @@ impl Redis {
         };
         if let Some(p) = &self.password {
             cmd.args(["--no-auth-warning", "-a", p]);
+        }
+        if self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(self.ca());
         }
         let out = cmd.args(args).output().context("running redis-cli")?;
         if !out.status.success() {

@@ -240,6 +240,38 @@ fn f2_redis_down_both_relays_judge_locally_and_converge_when_it_returns() {
 }
 
 #[test]
+fn f4_a_hung_redis_is_an_outage_and_the_event_loop_never_waits_for_it() {
+    require_root();
+    let redis = Redis::on_socket().unwrap();
+    let mut mx = Relay::start(&redis.url(), &[]);
+    assert!(connected(
+        &mx.status_until(Duration::from_secs(5), connected)
+    ));
+    redis.freeze(true);
+    // News to publish while it hangs: a pass, and an early talk.
+    let (s, held) = mx.polite();
+    assert!(held, "{s:?}");
+    let b = mx.lab.bot(mx.server(), b"EHLO bot\r\n", false);
+    assert!(b.received.starts_with(reply_line("deny").as_bytes()));
+    // The verdict line comes from the event loop: it is not stuck behind Redis.
+    let t = Instant::now();
+    let v = mx
+        .agent
+        .verdict_for(b.local_port, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(v["event"], "early_talker", "{v}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // A PING every 5 s, answered within 2 s, or it is an outage.
+    let down = |s: &Value| s["shared_cache"]["state"] == "down";
+    let s = mx.status_until(Duration::from_secs(10), down);
+    assert!(down(&s), "{}", s["shared_cache"]);
+    redis.freeze(false);
+    let s = mx.status_until(Duration::from_secs(15), connected);
+    assert!(connected(&s), "{}", s["shared_cache"]);
+    assert_eq!(counter(&s, "shared_cache_outages"), 1, "{s}");
+}
+
+#[test]
 fn f3_password_over_tcp_is_never_shown_and_garbage_is_ignored_with_a_line() {
     require_root();
     const SECRET: &str = "fleet-s3cret";
@@ -330,4 +362,65 @@ fn f3_password_over_tcp_is_never_shown_and_garbage_is_ignored_with_a_line() {
     ] {
         assert!(!text.contains(SECRET), "the password is in {what}: {text}");
     }
+}
+
+#[test]
+fn f5_over_tls_with_the_ca_the_operator_trusts() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let _resp = Responder::start(&lab, 25, Duration::ZERO).unwrap();
+    let redis = Redis::in_namespace_tls(&lab.server_ns, 6391, "tls-s3cret").unwrap();
+    assert!(redis.url().starts_with("rediss://"));
+    // rustls reads the system's CA store, which SSL_CERT_FILE replaces.
+    let trust = format!("SSL_CERT_FILE={}", redis.ca().display());
+    let mut agent = Agent::start_under(
+        &lab,
+        &["env", &trust],
+        &[
+            "-w",
+            WAIT_ARG,
+            "--pass-ttl",
+            "1h",
+            "--shared-cache",
+            &redis.url(),
+        ],
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut status = status_json(&lab).unwrap();
+    while !connected(&status) && Instant::now() < end {
+        thread::sleep(Duration::from_millis(100));
+        status = status_json(&lab).unwrap();
+    }
+    assert!(connected(&status), "{}", status["shared_cache"]);
+    let server = SocketAddr::new(lab.server_addr(false), 25);
+    let s = lab.client(server, Manner::Polite);
+    agent
+        .verdict_for(s.local_port, Duration::from_secs(5))
+        .unwrap();
+    let key = format!("earlytalker:pass:{CLIENT_V4}");
+    let end = Instant::now() + Duration::from_secs(3);
+    while redis.cli(&["EXISTS", &key]).unwrap().trim() != "1" && Instant::now() < end {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(redis.cli(&["EXISTS", &key]).unwrap().trim(), "1");
+    agent.stop().unwrap();
+
+    // Without that CA the certificate is refused: an outage, not a crash.
+    let mut agent = Agent::start(&lab, &["-w", WAIT_ARG, "--shared-cache", &redis.url()]).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !agent.stderr().contains("unreachable") && Instant::now() < end {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let err = agent.stderr();
+    assert!(err.contains("unreachable"), "{err}");
+    assert!(!err.contains("tls-s3cret"), "{err}");
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut status = status_json(&lab).unwrap();
+    while status["shared_cache"]["state"] != "down" && Instant::now() < end {
+        thread::sleep(Duration::from_millis(100));
+        status = status_json(&lab).unwrap();
+    }
+    assert_eq!(status["shared_cache"]["state"], "down", "{status}");
+    eprintln!("refused: {}", status["shared_cache"]["last_error"]);
 }
