@@ -27,10 +27,16 @@ pub const MAP_ALLOW: &str = "ALLOW";
 pub const MAP_PASSED: &str = "PASSED";
 pub const MAP_TRACKED: &str = "TRACKED";
 pub const MAP_PENALTY: &str = "PENALTY";
+pub const MAP_PROXY_PORTS: &str = "PROXY_PORTS";
+pub const MAP_TAILS: &str = "TAILS";
+/// TAILS index of PROG_INGRESS_PROXY.
+pub const TAIL_PROXY: u32 = 0;
 
 /// Program names, as the agent and the bench look them up.
 pub const PROG_INGRESS: &str = "et_ingress";
 pub const PROG_EGRESS: &str = "et_egress";
+/// The tail of et_ingress for a balancer's bytes on a PROXY protocol port.
+pub const PROG_INGRESS_PROXY: &str = "et_ingress_proxy";
 /// The penalty box, at XDP; attached only when a penalty is configured.
 pub const PROG_XDP: &str = "et_xdp";
 /// An empty classifier in the same object: the bench's floor. Never attached by
@@ -50,7 +56,15 @@ pub const MAX_PENALTY: u32 = 65_536;
 pub const DEFAULT_MAX_PASSED: u32 = 131_072;
 
 /// PORTS is a 65,536-bit bitmap in u64 words: one array lookup per packet.
+/// PROXY_PORTS, the same shape, marks the watched ports behind a balancer that
+/// sends a PROXY protocol header (looked up once per connection).
 pub const PORT_WORDS: u32 = 1024;
+
+/// The longest PROXY protocol header taken (v1 is at most 107 bytes; v2 is 16
+/// plus its length: 28 for TCP over IPv4, 52 over IPv6, more with TLVs).
+pub const PROXY_MAX: usize = 256;
+/// The v2 signature; v1 begins "PROXY ".
+pub const PROXY_V2_SIG: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 /// TRACKED: a counting filter in front of CONNS and HANDSHAKES, so that a
 /// segment of a connection in neither (every segment after the greeting) costs
@@ -140,7 +154,10 @@ pub struct Conn {
     pub client_win: u16,
     /// SYN-ACKs the server has sent so far (retransmissions included).
     pub synacks: u16,
-    pub pad: u64,
+    /// With PROXIED: the length of the balancer's PROXY header, the first
+    /// bytes of the client's sequence space (not early talk).
+    pub proxy_len: u16,
+    pub pad: [u16; 3],
     pub payload: [u8; PAYLOAD_MAX],
 }
 
@@ -174,9 +191,16 @@ impl Conn {
         self.has(ConnFlags::HELD) && !self.has(ConnFlags::OPENED)
     }
 
-    /// Client payload bytes before the greeting (sequence space, wraps).
+    /// Client payload bytes before the greeting (sequence space, wraps),
+    /// a balancer's PROXY header not counted.
     pub fn early_bytes(&self) -> u32 {
-        self.client_end.wrapping_sub(self.client_base)
+        let n = self.client_end.wrapping_sub(self.client_base);
+        let header = u32::from(self.proxy_len);
+        if self.has(ConnFlags::PROXIED) && n >= header {
+            n - header
+        } else {
+            n
+        }
     }
 }
 
@@ -223,6 +247,12 @@ bitflags::bitflags! {
         /// The server answered with a SYN cookie: it keeps no request socket,
         /// so nothing retransmits and nothing needs resetting while held.
         const COOKIE = 1 << 12;
+        /// On a PROXY protocol port: the client is a balancer, whose first
+        /// bytes must be a PROXY header naming the real client. Its own address
+        /// earns no pass and loses none.
+        const PROXY_PORT = 1 << 13;
+        /// The PROXY header arrived (`proxy_len` bytes): the agent has it.
+        const PROXIED = 1 << 14;
     }
 }
 
@@ -309,6 +339,16 @@ pub struct Event {
     pub conn: Conn,
 }
 
+/// Ring buffer record of kind Proxied: the event, then the header's bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyRecord {
+    pub event: Event,
+    pub len: u32,
+    pub pad: u32,
+    pub header: [u8; PROXY_MAX],
+}
+
 /// A number from the kernel that names nothing this agent knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Unknown {
@@ -359,6 +399,8 @@ raw_enum! {
         /// A connection is held before the MTA accepted it: the agent completes
         /// its handshake at `conn.release_ns`.
         Held = 4,
+        /// A balancer's PROXY header (a `ProxyRecord`): who the client really is.
+        Proxied = 5,
     }
 }
 
@@ -373,6 +415,9 @@ raw_enum! {
         ServerFin = 3,
         ServerRst = 4,
         ClientFin = 5,
+        /// On a PROXY protocol port, the first bytes were no PROXY header (or
+        /// one split across segments): dropped, as the MTA would.
+        BadProxyHeader = 6,
     }
 }
 
@@ -388,7 +433,8 @@ const _: () = {
     assert!(offset_of!(Conn, flags) == 36);
     assert!(offset_of!(Conn, synack_ts) == 44);
     assert!(offset_of!(Conn, client_win) == 52);
-    assert!(offset_of!(Conn, pad) == 56);
+    assert!(offset_of!(Conn, proxy_len) == 56);
+    assert!(offset_of!(Conn, pad) == 58);
     assert!(offset_of!(Conn, payload) == 64);
     assert!(size_of::<Handshake>() == 16);
     assert!(size_of::<Config>() == 24);
@@ -397,6 +443,7 @@ const _: () = {
     assert!(offset_of!(Event, conn) == 56);
     // 8-byte alignment: ring-buffer records are 8-byte aligned.
     assert!(core::mem::align_of::<Event>() == 8);
+    assert!(size_of::<ProxyRecord>() == size_of::<Event>() + 8 + PROXY_MAX);
 };
 
 #[cfg(feature = "user")]

@@ -20,6 +20,7 @@ pub enum Stat {
     Pipeconnect = 12,
     Held = 13,
     PenaltyRefused = 14,
+    ProxyHeaders = 15,
 }
 
 pub struct StatInfo {
@@ -55,7 +56,7 @@ const fn s(stat: Stat, name: &'static str, help: &'static str, metric: bool) -> 
 }
 
 /// Indexed by `Stat`: entry i describes the counter at index i.
-pub const STATS: [StatInfo; 15] = [
+pub const STATS: [StatInfo; 16] = [
     s(
         Stat::Tracked,
         "connections_tracked",
@@ -144,6 +145,12 @@ pub const STATS: [StatInfo; 15] = [
         Stat::PenaltyRefused,
         "penalty_box_refused",
         "SYNs from addresses in the penalty box refused at XDP",
+        true,
+    ),
+    s(
+        Stat::ProxyHeaders,
+        "proxy_headers",
+        "PROXY protocol headers taken from balancers (--proxy-protocol)",
         true,
     ),
 ];

@@ -122,8 +122,11 @@ pub fn client_data(
         if pipeconnect {
             stat(Stat::Pipeconnect);
         } else {
-            // An address that early-talks loses its pass.
-            maps::forget_pass(&key.client_addr);
+            // An address that early-talks loses its pass (behind a balancer,
+            // the agent takes the real client's).
+            if !conn.has(ConnFlags::PROXY_PORT) {
+                maps::forget_pass(&key.client_addr);
+            }
             stat(Stat::Early);
         }
         // The MTA may ask about it within milliseconds (defer-reject: the
@@ -154,7 +157,9 @@ pub fn verdict(key: &ConnKey, conn: &mut Conn, reason: Reason, now_ns: u64, cfg:
         if !talked {
             stat(Stat::Pass);
             // Only a real hold earns (or renews) a pass, as in postscreen.
-            if cfg.pass_ttl_ns > 0 && !conn.has(ConnFlags::PASS_CACHED) {
+            // A balancer's address earns nothing: the agent records the real
+            // client's pass.
+            if cfg.pass_ttl_ns > 0 && !conn.has(ConnFlags::PASS_CACHED | ConnFlags::PROXY_PORT) {
                 maps::record_pass(&key.client_addr, now_ns);
             }
         }

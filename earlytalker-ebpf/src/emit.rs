@@ -20,7 +20,9 @@ pub fn emit(kind: EventKind, reason: Reason, key: &ConnKey, conn: &Conn, now_ns:
     let urgent = wake
         || kind == EventKind::Held
         || kind == EventKind::Early && conn.has(ConnFlags::DENY)
-        || kind == EventKind::Verdict && reason == Reason::ClientFin && conn.before_accept();
+        || kind == EventKind::Verdict
+            && matches!(reason, Reason::ClientFin | Reason::BadProxyHeader)
+            && conn.before_accept();
     // Otherwise only when this record takes the backlog past a multiple of
     // WAKEUP_BYTES: a wakeup is an interrupt, and one per record while the agent
     // lags cost 14 % of the machine's CPU with the agent stopped.

@@ -32,6 +32,7 @@ mod conn;
 mod emit;
 mod maps;
 mod parse;
+mod proxy;
 mod xdp;
 
 use aya_ebpf::{
@@ -43,9 +44,10 @@ use aya_ebpf::{
 use conn::{apply_pass_cache, client_data, set_flags, settled, verdict};
 use earlytalker_common::{
     CfgFlags, Config, Conn, ConnFlags, ConnKey, EventKind, Handshake, Reason, Stat, REPLY_MARK,
+    TAIL_PROXY,
 };
 use emit::emit;
-use maps::{config, conn_mut, maybe_tracked, now, stat, Track, CONNS, HANDSHAKES};
+use maps::{config, conn_mut, maybe_tracked, now, stat, Track, CONNS, HANDSHAKES, TAILS};
 use parse::{parse, Dir, Opts, Seg};
 
 /// "No opinion": TCX_NEXT. TC_ACT_OK would be TCX_PASS, which ends the TCX chain
@@ -80,9 +82,36 @@ fn ingress(ctx: &TcContext) -> i32 {
         return ingress_syn(ctx, &seg, &key, tracked);
     }
     if let Some(conn) = conn_mut(&key) {
-        return ingress_tracked(ctx, &seg, &key, conn);
+        return dispatch(ctx, &seg, &key, conn);
     }
     ingress_handshake_ack(ctx, &seg, &key)
+}
+
+/// A tracked connection's client segment. Bytes from a balancer on a PROXY
+/// protocol port go to `et_ingress_proxy`, which finds the header's end: that
+/// scan is verified once, in its own program, not on every path here.
+#[inline(always)]
+fn dispatch(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -> i32 {
+    if seg.payload_len > 0 && conn.has(ConnFlags::PROXY_PORT) {
+        // SAFETY: ctx is this program's context; TAILS holds et_ingress_proxy.
+        unsafe { TAILS.tail_call(ctx, TAIL_PROXY) };
+        // Not there (the agent did not install it): let the MTA have it.
+        return NEXT;
+    }
+    ingress_tracked::<false>(ctx, seg, key, conn)
+}
+
+/// The tail of `et_ingress` for a balancer's bytes on a PROXY protocol port.
+#[classifier]
+pub fn et_ingress_proxy(ctx: TcContext) -> i32 {
+    let Some(seg) = parse(&ctx, Dir::Ingress) else {
+        return NEXT;
+    };
+    let key = seg.key(Dir::Ingress);
+    match conn_mut(&key) {
+        Some(conn) => ingress_tracked::<true>(&ctx, &seg, &key, conn),
+        None => NEXT,
+    }
 }
 
 /// A client's SYN: a new connection on this 4-tuple, or TCP Fast Open data. A
@@ -126,9 +155,15 @@ fn ingress_syn(ctx: &TcContext, seg: &Seg, key: &ConnKey, tracked: bool) -> i32 
     NEXT
 }
 
-/// A client segment of a tracked connection.
+/// A client segment of a tracked connection; PROXY: on a PROXY protocol port,
+/// where the balancer's header comes first.
 #[inline(always)]
-fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -> i32 {
+fn ingress_tracked<const PROXY: bool>(
+    ctx: &TcContext,
+    seg: &Seg,
+    key: &ConnKey,
+    conn: &mut Conn,
+) -> i32 {
     if let Some(act) = settled(seg, key, conn, Reason::ClientRst, Reason::ClientFin) {
         return act;
     }
@@ -141,7 +176,7 @@ fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -
     }
     if conn.before_accept() {
         if now_ns < conn.release_ns {
-            return ingress_held(ctx, seg, key, conn, &cfg, now_ns);
+            return ingress_held::<PROXY>(ctx, seg, key, conn, &cfg, now_ns);
         }
         if seg.payload_len == 0
             && !seg.fin
@@ -158,13 +193,13 @@ fn ingress_tracked(ctx: &TcContext, seg: &Seg, key: &ConnKey, conn: &mut Conn) -
         // the agent's release never came).
         set_flags(conn, ConnFlags::OPENED);
     }
-    unheld(ctx, seg, key, conn, &cfg, now_ns)
+    unheld::<PROXY>(ctx, seg, key, conn, &cfg, now_ns)
 }
 
 /// A client segment that reaches the server: its bytes before the greeting are
 /// early talk; its FIN is noted.
 #[inline(always)]
-fn unheld(
+fn unheld<const PROXY: bool>(
     ctx: &TcContext,
     seg: &Seg,
     key: &ConnKey,
@@ -174,7 +209,18 @@ fn unheld(
 ) -> i32 {
     let mut act = NEXT;
     if seg.payload_len > 0 {
-        act = client_data(ctx, seg, key, conn, cfg, now_ns);
+        let data = if PROXY && conn.has(ConnFlags::PROXY_PORT) {
+            match proxy::step(ctx, seg, key, conn, cfg, now_ns) {
+                proxy::Step::Rest(rest) => rest,
+                // A repeated header, or (Bad) bytes the MTA drops itself.
+                _ => return NEXT,
+            }
+        } else {
+            *seg
+        };
+        if data.payload_len > 0 {
+            act = client_data(ctx, &data, key, conn, cfg, now_ns);
+        }
     }
     if seg.fin {
         set_flags(conn, ConnFlags::CLIENT_FIN);
@@ -184,7 +230,7 @@ fn unheld(
 
 /// A client segment while its connection is held before the MTA accepted it.
 #[inline(always)]
-fn ingress_held(
+fn ingress_held<const PROXY: bool>(
     ctx: &TcContext,
     seg: &Seg,
     key: &ConnKey,
@@ -193,7 +239,21 @@ fn ingress_held(
     now_ns: u64,
 ) -> i32 {
     if seg.payload_len > 0 {
-        let act = client_data(ctx, seg, key, conn, cfg, now_ns);
+        let mut data = *seg;
+        if PROXY && conn.has(ConnFlags::PROXY_PORT) {
+            match proxy::step(ctx, seg, key, conn, cfg, now_ns) {
+                proxy::Step::Rest(rest) if rest.payload_len > 0 => data = rest,
+                proxy::Step::Bad => return TC_ACT_SHOT,
+                // The balancer's header alone: still held (the agent's release
+                // carries the header to the MTA).
+                _ => {
+                    note_client_ack(ctx, seg, conn);
+                    stat(Stat::HoldDrops);
+                    return TC_ACT_SHOT;
+                }
+            }
+        }
+        let act = client_data(ctx, &data, key, conn, cfg, now_ns);
         if act != NEXT {
             // Denied: the MTA never sees the connection.
             return act;
@@ -267,10 +327,23 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     if hs.cookie != 0 {
         conn.flags |= ConnFlags::COOKIE.bits();
     }
-    apply_pass_cache(key, conn, &cfg, now_ns);
+    if maps::proxy_port(key.server_port) {
+        // The client is a balancer: its own address has no pass; the real
+        // client's is looked up by the agent when the header names it.
+        conn.flags |= ConnFlags::PROXY_PORT.bits();
+    } else {
+        apply_pass_cache(key, conn, &cfg, now_ns);
+    }
     if cfg.wait_ns == 0 || conn.has(ConnFlags::PASS_CACHED) {
         // Not held: watched for bytes that race the greeting.
-        let act = unheld(ctx, seg, key, conn, &cfg, now_ns);
+        if seg.payload_len > 0 && conn.has(ConnFlags::PROXY_PORT) {
+            // A balancer's header on the ACK: judged once tracked.
+            return match maps::track(key, conn) {
+                Track::Added | Track::Exists => joined(ctx, seg, key),
+                Track::Full => NEXT,
+            };
+        }
+        let act = unheld::<false>(ctx, seg, key, conn, &cfg, now_ns);
         return match maps::track(key, conn) {
             Track::Added => act,
             Track::Exists => joined(ctx, seg, key),
@@ -291,8 +364,11 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     };
     stat(Stat::Held);
     emit(EventKind::Held, Reason::None, key, conn, now_ns, true);
-    // A bot's first bytes may ride on this very ACK.
-    ingress_held(ctx, seg, key, conn, &cfg, now_ns)
+    // A bot's first bytes (or a balancer's header) may ride on this very ACK.
+    if seg.payload_len > 0 && conn.has(ConnFlags::PROXY_PORT) {
+        return dispatch(ctx, seg, key, conn);
+    }
+    ingress_held::<false>(ctx, seg, key, conn, &cfg, now_ns)
 }
 
 /// The other CPU's entry for this connection won the insertion: this
@@ -300,7 +376,7 @@ fn ingress_handshake_ack(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
 #[inline(always)]
 fn joined(ctx: &TcContext, seg: &Seg, key: &ConnKey) -> i32 {
     match conn_mut(key) {
-        Some(conn) => ingress_tracked(ctx, seg, key, conn),
+        Some(conn) => dispatch(ctx, seg, key, conn),
         None => NEXT,
     }
 }

@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use earlytalker_common::{
     Config, Conn, ConnKey, Handshake, Stat, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_CONNS,
@@ -18,6 +18,13 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "PORTS")]
 static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+#[map(name = "PROXY_PORTS")]
+static PROXY_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+/// Tail calls: TAIL_PROXY is et_ingress_proxy (installed by the agent).
+#[map(name = "TAILS")]
+pub static TAILS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map(name = "CONNS")]
 pub static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
@@ -79,6 +86,15 @@ pub fn config() -> Config {
 #[inline(always)]
 pub fn port_watched(port: u16) -> bool {
     match PORTS.get(u32::from(port >> 6)) {
+        Some(word) => (*word >> (port & 63)) & 1 == 1,
+        None => false,
+    }
+}
+
+/// Whether a balancer sends a PROXY header first on this port.
+#[inline(always)]
+pub fn proxy_port(port: u16) -> bool {
+    match PROXY_PORTS.get(u32::from(port >> 6)) {
         Some(word) => (*word >> (port & 63)) & 1 == 1,
         None => false,
     }
@@ -225,7 +241,8 @@ pub fn scratch_conn(
     c.client_ts = 0;
     c.client_win = 0;
     c.synacks = 0;
-    c.pad = 0;
+    c.proxy_len = 0;
+    c.pad = [0; 3];
     Some(c)
 }
 

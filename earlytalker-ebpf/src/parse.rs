@@ -28,6 +28,7 @@ pub enum Dir {
 
 /// A parsed TCP segment; ports in host order, addresses as in ConnKey (kept as
 /// words: byte arrays merged across the IPv4/IPv6 paths compile to per-byte moves).
+#[derive(Clone, Copy)]
 pub struct Seg {
     pub src: [u32; 4],
     pub dst: [u32; 4],
@@ -52,6 +53,16 @@ pub struct Seg {
 }
 
 impl Seg {
+    /// The same segment without its first `n` payload bytes (n <= payload_len).
+    #[inline(always)]
+    pub fn skip(&self, n: u32) -> Seg {
+        let mut s = *self;
+        s.payload_off += n as usize;
+        s.payload_len -= n;
+        s.seq = s.seq.wrapping_add(n);
+        s
+    }
+
     /// The connection's key, the client being the source on ingress.
     #[inline(always)]
     pub fn key(&self, dir: Dir) -> ConnKey {

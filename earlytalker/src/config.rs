@@ -156,6 +156,13 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Vec<u16>,
 
+    /// A watched port behind a balancer that sends a PROXY protocol header
+    /// (v1 or v2; HAProxy's send-proxy): the header is not early talk, and the
+    /// client it names is the one judged (repeatable) [default: none]
+    #[arg(long = "proxy-protocol", value_name = "PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub proxy_protocol: Vec<u16>,
+
     /// Seconds to hold each new connection after its handshake, before the MTA can accept it; decimals allowed, at most 60, 0 = no hold [default: 1]
     #[arg(short, long, value_name = "SECONDS", value_parser = parse_wait,
           allow_negative_numbers = true)]
@@ -297,6 +304,7 @@ pub fn parse_ring(s: &str) -> Result<u32, String> {
 pub struct FileConfig {
     pub interfaces: Option<Vec<String>>,
     pub ports: Option<Vec<i64>>,
+    pub proxy_protocol: Option<Vec<i64>>,
     pub wait: Option<f64>,
     pub wait_under_stress: Option<f64>,
     pub stress_threshold: Option<f64>,
@@ -486,6 +494,8 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Live {
     pub ports: Vec<u16>,
+    /// The watched ports behind a PROXY protocol balancer.
+    pub proxy_ports: Vec<u16>,
     pub wait: Duration,
     /// The hold while under stress (at most `wait`), and where stress begins.
     pub wait_under_stress: Duration,
@@ -596,6 +606,30 @@ impl Settings {
             return Err(fe("ports", &"the list is empty"));
         }
         dedup(&mut ports);
+        let mut proxy_ports: Vec<u16> = if cli.proxy_protocol.is_empty() {
+            let mut v = Vec::new();
+            for p in f.proxy_protocol.unwrap_or_default() {
+                match u16::try_from(p) {
+                    Ok(p) if p > 0 => v.push(p),
+                    _ => {
+                        return Err(fe(
+                            "proxy_protocol",
+                            &format!("{p} is not a TCP port (1-65535)"),
+                        ))
+                    }
+                }
+            }
+            v
+        } else {
+            cli.proxy_protocol.clone()
+        };
+        dedup(&mut proxy_ports);
+        if let Some(p) = proxy_ports.iter().find(|p| !ports.contains(p)) {
+            return Err(fe(
+                "proxy_protocol",
+                &format!("port {p} is not a watched port"),
+            ));
+        }
 
         let wait = match (cli.wait, f.wait) {
             (Some(w), _) => w,
@@ -675,6 +709,7 @@ impl Settings {
         Ok(Settings {
             live: Live {
                 ports,
+                proxy_ports,
                 wait,
                 wait_under_stress,
                 stress_threshold,
@@ -1101,12 +1136,24 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_ports_must_be_watched() {
+        let s = settings(&["-p", "25", "-p", "587", "--proxy-protocol", "587"]).unwrap();
+        assert_eq!(s.live.proxy_ports, vec![587]);
+        let e = format!("{:#}", settings(&["--proxy-protocol", "587"]).unwrap_err());
+        assert!(e.contains("port 587 is not a watched port"), "{e}");
+        let s = with_file(&[], "proxy_protocol = [25]\n").unwrap();
+        assert_eq!(s.live.proxy_ports, vec![25]);
+        assert!(with_file(&[], "proxy_protocol = [0]\n").is_err());
+        assert!(settings(&[]).unwrap().live.proxy_ports.is_empty());
+    }
+
+    #[test]
     fn shipped_example_settings_commented_out_are_valid_too() {
         let text: String = include_str!("../dist/earlytalker.toml")
             .lines()
             .map(|l| match l.strip_prefix('#') {
                 Some(rest)
-                    if ["penalty", "shared_cache"]
+                    if ["penalty", "shared_cache", "proxy_protocol"]
                         .iter()
                         .any(|k| rest.starts_with(k)) =>
                 {
@@ -1121,6 +1168,7 @@ mod tests {
         let s = Settings::build(&cli, Some(file), || Ok("eth0".into())).unwrap();
         assert!(s.fixed.penalty.is_some());
         assert!(s.fixed.shared_cache.is_some());
+        assert_eq!(s.live.proxy_ports, vec![25]);
     }
 
     #[test]

@@ -165,6 +165,8 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         )),
         None => None,
     };
+    // Written for clients behind a PROXY protocol balancer.
+    let passed = Some(guard.passed_handle().map_err(StartError::Attach)?);
     // The MTA's listen queues, for the stress wait.
     let queues = Diag::new().map_err(StartError::Privilege)?;
     // Everything privileged is done: attached, sockets bound and handed over.
@@ -196,6 +198,7 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
             counts,
             penalty,
             fleet: fleet.as_ref().map(|f| f.publisher.clone()),
+            passed,
         },
         snap.clone(),
         &settings.live,

@@ -3,7 +3,8 @@
 
 use crate::config::Taken;
 use earlytalker_common::{
-    Conn, ConnFlags, ConnKey, Event, EventKind, Reason, Unknown, PAYLOAD_MAX,
+    Conn, ConnFlags, ConnKey, Event, EventKind, ProxyRecord, Reason, Unknown, PAYLOAD_MAX,
+    PROXY_MAX,
 };
 // foldhash: keyed per process (addresses and ports are the client's choice) and
 // several times faster than SipHash on these small keys, looked up per connection.
@@ -36,6 +37,8 @@ pub enum End {
     NoGreeting,
     /// Enforced: the client got our reply instead of the greeting.
     Denied,
+    /// On a PROXY protocol port, no PROXY header came first: dropped.
+    BadProxyHeader,
 }
 
 impl End {
@@ -48,6 +51,7 @@ impl End {
             End::ClientClose => "client_close",
             End::NoGreeting => "no_greeting",
             End::Denied => "denied",
+            End::BadProxyHeader => "bad_proxy_header",
         }
     }
 }
@@ -70,6 +74,9 @@ pub struct Verdict {
     /// A pass that went through a real hold (not one let by the pass cache):
     /// the kernel recorded it in the pass cache, if that is on.
     pub earned_pass: bool,
+    /// The connection (its client is the balancer's address behind a PROXY
+    /// protocol port; `client` is then set to the real client's).
+    pub key: ConnKey,
 }
 
 fn addr(raw: [u8; 16]) -> IpAddr {
@@ -114,6 +121,7 @@ pub fn verdict(key: &ConnKey, conn: &Conn, end: End, now_ns: u64, action: Taken)
         payload: conn.payload[..len].to_vec(),
         action,
         earned_pass: kind == Kind::Pass && !conn.has(ConnFlags::PASS_CACHED),
+        key: *key,
     }
 }
 
@@ -136,6 +144,8 @@ pub enum DecodeError {
     Unknown(Unknown),
     #[error("a kernel record of kind {0:?} has reason {1:?}")]
     Mismatch(EventKind, Reason),
+    #[error("a kernel PROXY header record claims {0} bytes")]
+    ProxyLength(u32),
 }
 
 /// Decodes one ring-buffer record, converting its kind and reason with a check.
@@ -152,10 +162,11 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     // ends the pre-greeting phase (a client's FIN only while held: otherwise the
     // MTA has the connection and answers it), a close has a FIN or RST.
     let fits = match kind {
-        EventKind::Early | EventKind::Held => reason == Reason::None,
+        EventKind::Early | EventKind::Held | EventKind::Proxied => reason == Reason::None,
         EventKind::Verdict => match reason {
             Reason::None => false,
             Reason::ClientFin => ev.conn.has(ConnFlags::HELD),
+            Reason::BadProxyHeader => ev.conn.has(ConnFlags::PROXY_PORT),
             _ => true,
         },
         EventKind::Closed => !matches!(reason, Reason::None | Reason::Greeting),
@@ -172,6 +183,22 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     })
 }
 
+/// The header bytes of a Proxied record (`decode` has checked its event).
+pub fn proxy_header(buf: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let size = std::mem::size_of::<ProxyRecord>();
+    if buf.len() < size {
+        return Err(DecodeError::Short(buf.len()));
+    }
+    // SAFETY: length checked; plain #[repr(C)] data valid for any bytes, read
+    // unaligned (ring-buffer records are only 8-byte aligned).
+    let r = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<ProxyRecord>()) };
+    let len = usize::try_from(r.len).unwrap_or(usize::MAX);
+    if len == 0 || len > PROXY_MAX {
+        return Err(DecodeError::ProxyLength(r.len));
+    }
+    Ok(r.header[..len].to_vec())
+}
+
 /// How a verdict's pre-greeting phase ended, by the kernel's reason.
 fn end_of(reason: Reason) -> End {
     match reason {
@@ -182,6 +209,7 @@ fn end_of(reason: Reason) -> End {
         Reason::None => End::NoGreeting,
         Reason::ServerFin => End::ServerClose,
         Reason::ServerRst => End::ServerReset,
+        Reason::BadProxyHeader => End::BadProxyHeader,
     }
 }
 
@@ -294,7 +322,7 @@ impl Tracker {
                     self.action,
                 ))
             }
-            EventKind::Closed | EventKind::Held => None,
+            EventKind::Closed | EventKind::Held | EventKind::Proxied => None,
         }
     }
 
@@ -374,7 +402,8 @@ pub(crate) mod tests {
             client_ts: 0,
             client_win: 0,
             synacks: 1,
-            pad: 0,
+            proxy_len: 0,
+            pad: [0; 3],
             payload: [0; PAYLOAD_MAX],
         };
         if !early.is_empty() {
@@ -467,6 +496,7 @@ pub(crate) mod tests {
             (EventKind::Closed, Reason::ServerFin),
             (EventKind::Closed, Reason::ServerRst),
             (EventKind::Held, R_NONE),
+            (EventKind::Proxied, R_NONE),
         ] {
             let r = decode(&raw(kind as u32, reason as u32, k, conn(b"EHLO\r\n")))
                 .unwrap_or_else(|e| panic!("{kind:?}/{reason:?}: {e}"));
@@ -474,7 +504,7 @@ pub(crate) mod tests {
             assert_eq!(r.conn.payload[..r.conn.payload_len as usize], *b"EHLO\r\n");
         }
         // Every kind the ABI defines is covered above.
-        assert_eq!(EventKind::ALL.len(), 4);
+        assert_eq!(EventKind::ALL.len(), 5);
         let bytes = raw(EV_VERDICT as u32, R_GREETING as u32, k, conn(b""));
         assert_eq!(decode(&bytes[..10]).unwrap_err(), DecodeError::Short(10));
         let e = decode(&raw(77, 1, k, conn(b""))).unwrap_err();
@@ -484,6 +514,42 @@ pub(crate) mod tests {
         );
         let e = decode(&raw(2, 9, k, conn(b""))).unwrap_err();
         assert_eq!(e.to_string(), "a kernel record has an unknown end reason 9");
+        // A bad PROXY header ends only a connection on a PROXY protocol port.
+        let bad = raw(
+            EV_VERDICT as u32,
+            Reason::BadProxyHeader as u32,
+            k,
+            conn(b""),
+        );
+        assert_eq!(
+            decode(&bad).unwrap_err(),
+            DecodeError::Mismatch(EV_VERDICT, Reason::BadProxyHeader)
+        );
+        let mut proxied = conn(b"");
+        proxied.flags |= ConnFlags::PROXY_PORT.bits();
+        let r = decode(&raw(
+            EV_VERDICT as u32,
+            Reason::BadProxyHeader as u32,
+            k,
+            proxied,
+        ))
+        .unwrap();
+        assert_eq!(end_of(r.reason), End::BadProxyHeader);
+        // A header record: its bytes, or a clear error if short or too long.
+        let ev = raw(EventKind::Proxied as u32, 0, k, proxied);
+        let mut rec = ev.clone();
+        rec.extend_from_slice(&15u32.to_ne_bytes());
+        rec.extend_from_slice(&0u32.to_ne_bytes());
+        let mut header = [0u8; PROXY_MAX];
+        header[..15].copy_from_slice(b"PROXY UNKNOWN\r\n");
+        rec.extend_from_slice(&header);
+        assert_eq!(proxy_header(&rec).unwrap(), b"PROXY UNKNOWN\r\n");
+        assert_eq!(proxy_header(&ev).unwrap_err(), DecodeError::Short(ev.len()));
+        rec[ev.len()..ev.len() + 4].copy_from_slice(&300u32.to_ne_bytes());
+        assert_eq!(
+            proxy_header(&rec).unwrap_err(),
+            DecodeError::ProxyLength(300)
+        );
         assert_eq!(
             decode(&raw(
                 EV_VERDICT as u32,

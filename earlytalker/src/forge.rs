@@ -130,7 +130,10 @@ pub fn syn_again(key: &ConnKey, conn: &Conn) -> Result<Vec<u8>> {
 ///   low bits, so it must be kept; it is moved forward by whole 64 ms steps of
 ///   the time since the handshake, never past the server's clock, so the RTT
 ///   sample stays under 64 ms.
-pub fn release_ack(key: &ConnKey, conn: &Conn, now_ns: u64) -> Result<Vec<u8>> {
+///
+/// `payload`: a balancer's PROXY header (the client's first bytes, at
+/// client_base), or nothing.
+pub fn release_ack(key: &ConnKey, conn: &Conn, now_ns: u64, payload: &[u8]) -> Result<Vec<u8>> {
     let b = to_server(key, conn.client_base, conn.client_win)?.ack(conn.server_isn.wrapping_add(1));
     let b = if conn.has(ConnFlags::COOKIE) && conn.has(ConnFlags::CLIENT_TS) {
         let held_ms = now_ns.saturating_sub(conn.established_ns) / 1_000_000;
@@ -144,7 +147,7 @@ pub fn release_ack(key: &ConnKey, conn: &Conn, now_ns: u64) -> Result<Vec<u8>> {
     } else {
         b
     };
-    finish(b, &[])
+    finish(b, payload)
 }
 
 #[cfg(test)]
@@ -203,7 +206,7 @@ mod tests {
         c.flags |= ConnFlags::CLIENT_TS.bits();
         c.established_ns = 1_000_000_000;
         // A request socket: no timestamp.
-        let (h, payload, ok) = tcp(&release_ack(&k, &c, 2_000_000_000).unwrap());
+        let (h, payload, ok) = tcp(&release_ack(&k, &c, 2_000_000_000, &[]).unwrap());
         assert!(ok && payload.is_empty());
         assert_eq!((h.source_port, h.destination_port), (40000, 25));
         assert_eq!((h.sequence_number, h.acknowledgment_number), (1000, 5001));
@@ -213,11 +216,22 @@ mod tests {
         // A cookie: the echo keeps the cookie's low six bits and moves on by
         // whole 64 ms steps of the 1,000 ms held (960 ms).
         c.flags |= ConnFlags::COOKIE.bits();
-        let (h, _, ok) = tcp(&release_ack(&k, &c, 2_000_000_000).unwrap());
+        let (h, _, ok) = tcp(&release_ack(&k, &c, 2_000_000_000, &[]).unwrap());
         assert!(ok);
         let ts: Vec<_> = h.options_iterator().filter_map(Result::ok).collect();
         assert!(ts.contains(&TcpOptionElement::Timestamp(77, 0x1234_5678 + 960)));
         assert_eq!((0x1234_5678u32 + 960) % 64, 0x1234_5678 % 64);
+    }
+
+    #[test]
+    fn a_release_carries_a_balancers_header_from_the_first_byte() {
+        let (k, c) = (key4([10, 0, 0, 2], 40000, [10, 0, 0, 1], 25), conn(b""));
+        let header = b"PROXY TCP4 192.0.2.7 10.0.0.1 40000 25\r\n";
+        let (h, payload, ok) = tcp(&release_ack(&k, &c, 2_000_000_000, header).unwrap());
+        assert!(ok);
+        assert_eq!(payload, header);
+        assert_eq!(h.sequence_number, c.client_base);
+        assert_eq!(h.acknowledgment_number, c.server_isn.wrapping_add(1));
     }
 
     #[test]

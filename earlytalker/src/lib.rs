@@ -40,6 +40,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod privs;
 pub mod probe;
+pub mod proxy;
 pub mod release;
 pub mod status;
 pub mod store;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf,
     },
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
@@ -19,8 +19,9 @@ use aya::{
 };
 use earlytalker_common::{
     CfgFlags, Config, Conn, ConnFlags, ConnKey, Handshake, Stat, MAP_ALLOW, MAP_CONFIG, MAP_CONNS,
-    MAP_EVENTS, MAP_HANDSHAKES, MAP_PASSED, MAP_PENALTY, MAP_PORTS, MAP_STATS, MAP_TRACKED,
-    PORT_WORDS, PROG_EGRESS, PROG_INGRESS, PROG_XDP, STATS,
+    MAP_EVENTS, MAP_HANDSHAKES, MAP_PASSED, MAP_PENALTY, MAP_PORTS, MAP_PROXY_PORTS, MAP_STATS,
+    MAP_TAILS, MAP_TRACKED, PORT_WORDS, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_PROXY, PROG_XDP,
+    STATS, TAIL_PROXY,
 };
 use ipnet::IpNet;
 use std::os::fd::AsFd;
@@ -185,6 +186,14 @@ impl Guard {
         for (i, w) in ports_bitmap(&s.ports).into_iter().enumerate() {
             ports.set(i as u32, w, 0).context("writing PORTS")?;
         }
+        let mut proxy: Array<_, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_PROXY_PORTS)
+                .context("PROXY_PORTS map missing")?,
+        )?;
+        for (i, w) in ports_bitmap(&s.proxy_ports).into_iter().enumerate() {
+            proxy.set(i as u32, w, 0).context("writing PROXY_PORTS")?;
+        }
         self.sync_allow(&s.allow)
     }
 
@@ -297,7 +306,26 @@ impl Guard {
         (n, held)
     }
 
+    /// Loads et_ingress_proxy into TAILS: et_ingress jumps there for a
+    /// balancer's bytes on a PROXY protocol port. Before et_ingress attaches.
+    fn load_tails(&mut self) -> Result<()> {
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_INGRESS_PROXY)
+            .with_context(|| format!("program {PROG_INGRESS_PROXY} missing from the object"))?
+            .try_into()?;
+        p.load()
+            .map_err(|e| verifier_error(PROG_INGRESS_PROXY, e))?;
+        let fd = p.fd()?.try_clone()?;
+        let mut tails: ProgramArray<_> =
+            ProgramArray::try_from(self.ebpf.map_mut(MAP_TAILS).context("TAILS map missing")?)?;
+        tails
+            .set(TAIL_PROXY, &fd, 0)
+            .context("installing et_ingress_proxy")
+    }
+
     fn attach(&mut self, ifaces: &[String]) -> Result<()> {
+        self.load_tails()?;
         for (prog, kind) in [
             (PROG_INGRESS, TcAttachType::Ingress),
             (PROG_EGRESS, TcAttachType::Egress),
@@ -356,6 +384,11 @@ impl Guard {
     /// The penalty box's map, for the pipeline.
     pub fn penalty_handle(&self) -> Result<HashMap<MapData, [u8; 16], u64>> {
         self.lru_handle(MAP_PENALTY)
+    }
+
+    /// The pass cache, for the real clients behind PROXY protocol balancers.
+    pub fn passed_handle(&self) -> Result<HashMap<MapData, [u8; 16], u64>> {
+        self.lru_handle(MAP_PASSED)
     }
 
     /// The penalty box at XDP: native mode where the driver has it, generic

@@ -96,6 +96,10 @@ pub fn write_text(line: &mut String, v: &Verdict) {
             "PASS greeting after {} from {from} to {to}",
             Secs(v.greeting_after_ms.unwrap_or(0.0))
         ),
+        Kind::Hangup if v.end == End::BadProxyHeader => write!(
+            line,
+            "BADPROXY from {from} to {to}: no PROXY header came first; dropped, as the MTA would"
+        ),
         Kind::Hangup => write!(
             line,
             "HANGUP before greeting from {from} to {to} ({})",
@@ -133,6 +137,12 @@ pub fn json_value(v: &Verdict) -> Value {
             "server": v.server.to_string(),
             "greeting_after_ms": v.greeting_after_ms,
         }),
+        Kind::Hangup if v.end == End::BadProxyHeader => json!({
+            "event": "bad_proxy_header",
+            "client": v.client.to_string(),
+            "server": v.server.to_string(),
+            "error": "no PROXY header came first",
+        }),
         Kind::Hangup => json!({
             "event": "hangup",
             "client": v.client.to_string(),
@@ -168,6 +178,7 @@ pub fn config_json(s: &Settings, advertised: Option<bool>) -> Value {
     json!({
         "interfaces": s.fixed.ifaces,
         "ports": s.live.ports,
+        "proxy_protocol": s.live.proxy_ports,
         "wait": s.live.wait.as_secs_f64(),
         "wait_under_stress": s.live.wait_now(true).as_secs_f64(),
         "stress_threshold": s.live.stress_threshold,
@@ -312,6 +323,9 @@ impl Out {
             json["penalty"] = json!({"n": p.n, "window": p.window.as_secs(), "ttl": p.ttl.as_secs(),
                 "action": s.fixed.penalty_action, "xdp_mode": mode});
         }
+        if !s.live.proxy_ports.is_empty() {
+            let _ = write!(text, " proxy_protocol={}", join_ports(&s.live.proxy_ports));
+        }
         if let Some(u) = &s.fixed.shared_cache {
             let _ = write!(text, " shared_cache={u}");
             json["shared_cache"] = u.to_string().into();
@@ -452,6 +466,22 @@ impl Out {
     }
 
     /// One step of an enforcement failed (the others still ran).
+    /// A PROXY protocol port's client sent no readable header: dropped.
+    pub fn bad_proxy(&self, client: SocketAddr, server: SocketAddr, why: &str) {
+        let text = format!(
+            "BADPROXY from {} to {}: {why}; dropped, as the MTA would",
+            Bracketed(&client),
+            Bracketed(&server)
+        );
+        let json = json!({
+            "event": "bad_proxy_header",
+            "client": client.to_string(),
+            "server": server.to_string(),
+            "error": why,
+        });
+        self.emit(Prio::Notice, text, json);
+    }
+
     pub fn teardown_failed(&self, client: SocketAddr, server: SocketAddr, step: &str, error: &str) {
         let text = format!(
             "TEARDOWN-FAILED {step} for {} to {}: {error}",

@@ -8,13 +8,17 @@ use crate::{
     counts::{AgentStat, Counts},
     events::{self, client_of, decode, server_of, DecodeError, Dedupe, End, Kind, Record, Tracker},
     fleet,
+    loader::mapped,
     output::Out,
     penalty::PenaltyBox,
-    release::Releaser,
+    proxy,
+    release::{monotonic_ns, Releaser},
     status,
     store::Store,
 };
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use earlytalker_common::{Conn, ConnFlags, ConnKey, EventKind};
+use ipnet::IpNet;
 use std::{
     collections::HashSet,
     sync::{Arc, Mutex},
@@ -37,6 +41,9 @@ pub struct Hands {
     pub penalty: Option<PenaltyBox>,
     /// `--shared-cache`: None when off.
     pub fleet: Option<fleet::Publisher>,
+    /// The kernel's pass cache, for clients behind a PROXY protocol balancer
+    /// (the kernel sees only the balancer's address); None in unit tests.
+    pub passed: Option<BpfHashMap<MapData, [u8; 16], u64>>,
 }
 
 pub struct Pipeline {
@@ -58,6 +65,10 @@ pub struct Pipeline {
     fleet: Option<fleet::Publisher>,
     /// How long a pass lasts (0: the pass cache is off, nothing to share).
     pass_ttl: std::time::Duration,
+    passed: Option<BpfHashMap<MapData, [u8; 16], u64>>,
+    /// Real clients behind PROXY protocol balancers, by connection.
+    proxied: proxy::Table,
+    allow: Vec<IpNet>,
 }
 
 impl Pipeline {
@@ -87,6 +98,9 @@ impl Pipeline {
             penalty: hands.penalty,
             fleet: hands.fleet,
             pass_ttl: live.pass_ttl,
+            passed: hands.passed,
+            proxied: proxy::Table::new(limit),
+            allow: live.allow.clone(),
         }
     }
 
@@ -95,6 +109,7 @@ impl Pipeline {
         self.action = live.action;
         self.defer_reject = live.defer_reject;
         self.pass_ttl = live.pass_ttl;
+        self.allow.clone_from(&live.allow);
         self.tracker.set_action(live.taken());
     }
 
@@ -111,6 +126,10 @@ impl Pipeline {
     /// One ring-buffer record, as the kernel wrote it.
     pub fn record(&mut self, bytes: &[u8]) {
         match decode(bytes) {
+            Ok(r) if r.kind == EventKind::Proxied => match events::proxy_header(bytes) {
+                Ok(h) => self.proxy_header(&r, h),
+                Err(e) => self.rejected(e),
+            },
             Ok(r) => self.handle(&r),
             Err(e) => self.rejected(e),
         }
@@ -127,12 +146,78 @@ impl Pipeline {
         }
     }
 
+    /// A balancer's PROXY header: from now on its client is the one named. An
+    /// allowlisted client, or one that passed before, is released at once.
+    fn proxy_header(&mut self, r: &Record, header: Vec<u8>) {
+        let balancer = client_of(&r.key);
+        match proxy::parse(&header) {
+            Ok(proxy::Said::Client(real)) => {
+                let known = self.let_through(real.ip());
+                log::debug!("{balancer} is a balancer for {real} (let through: {known})");
+                self.proxied.insert(r.key, real, known);
+                if let Some(rel) = &self.releaser {
+                    rel.header(r.key, header);
+                    if known && r.conn.before_accept() {
+                        rel.hold(r.key, monotonic_ns());
+                    }
+                }
+            }
+            Ok(proxy::Said::Balancer) => {
+                if let Some(rel) = &self.releaser {
+                    rel.header(r.key, header);
+                }
+            }
+            Err(e) => {
+                // Framed like a header, but unreadable: dropped, as the MTA would.
+                self.out.bad_proxy(balancer, server_of(&r.key), &e);
+                if r.conn.before_accept() {
+                    self.abort(r);
+                }
+            }
+        }
+    }
+
+    /// Whether a client named by a PROXY header skips the hold: allowlisted,
+    /// or passed within the pass TTL.
+    fn let_through(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_canonical(),
+            v4 => v4,
+        };
+        if self.allow.iter().any(|n| n.contains(&ip)) {
+            return true;
+        }
+        if self.pass_ttl.is_zero() {
+            return false;
+        }
+        let ttl = u64::try_from(self.pass_ttl.as_nanos()).unwrap_or(u64::MAX);
+        self.passed
+            .as_ref()
+            .and_then(|m| m.get(&mapped(ip), 0).ok())
+            .is_some_and(|t| monotonic_ns().saturating_sub(t) < ttl)
+    }
+
+    /// The client as the MTA knows it: behind a balancer, the one its header named.
+    fn client(&self, key: &ConnKey) -> std::net::SocketAddr {
+        self.proxied.client(key).unwrap_or_else(|| client_of(key))
+    }
+
+    /// Resets a held connection on both sides: the MTA never sees it.
+    fn abort(&mut self, r: &Record) {
+        if let Some(Err(e)) = self.enforcer.as_mut().map(|e| e.abort(&r.key, &r.conn)) {
+            self.counts.add(AgentStat::TeardownFailures);
+            let client = self.client(&r.key);
+            self.out
+                .teardown_failed(client, server_of(&r.key), "abort", &format!("{e:#}"));
+        }
+    }
+
     fn handle(&mut self, r: &Record) {
         // One early event (one reply), one verdict and one close per connection.
         if !self.dedupe.first(r) {
             return;
         }
-        let client = client_of(&r.key);
+        let client = self.client(&r.key);
         log::debug!(
             "kernel {:?} ({:?}) from {client}: flags {}",
             r.kind,
@@ -147,15 +232,16 @@ impl Pipeline {
                 return;
             }
             EventKind::Verdict
-                if r.reason == earlytalker_common::Reason::ClientFin && r.conn.before_accept() =>
+                if matches!(
+                    r.reason,
+                    earlytalker_common::Reason::ClientFin
+                        | earlytalker_common::Reason::BadProxyHeader
+                ) && r.conn.before_accept() =>
             {
-                // Hung up while held: the request socket goes, the client gets
-                // a RST for its FIN.
-                if let Some(Err(e)) = self.enforcer.as_mut().map(|e| e.abort(&r.key, &r.conn)) {
-                    self.counts.add(AgentStat::TeardownFailures);
-                    self.out
-                        .teardown_failed(client, server_of(&r.key), "abort", &format!("{e:#}"));
-                }
+                // Hung up while held (the client gets a RST for its FIN), or
+                // no PROXY header where one must be (dropped, as the MTA would):
+                // the request socket goes.
+                self.abort(r);
             }
             // Let through: nothing for the MTA to refuse.
             EventKind::Early if r.conn.has(ConnFlags::PIPECONNECT) => {}
@@ -179,12 +265,17 @@ impl Pipeline {
                     .lock()
                     .expect("store lock")
                     .closed(&client, Instant::now());
+                self.proxied.remove(&r.key);
                 return;
             }
-            EventKind::Verdict => {}
+            EventKind::Verdict | EventKind::Proxied => {}
         }
         if let Some(v) = self.tracker.on_event(r) {
             self.report(&v);
+        }
+        // Kept while the MTA may still ask about an early talker (until Closed).
+        if r.kind == EventKind::Verdict && !r.conn.has(ConnFlags::EARLY) {
+            self.proxied.remove(&r.key);
         }
     }
 
@@ -197,9 +288,21 @@ impl Pipeline {
             .lock()
             .expect("store lock")
             .expire(Instant::now());
+        self.proxied.sweep(Instant::now());
     }
 
     fn report(&mut self, v: &events::Verdict) {
+        let real;
+        let v = match self.proxied.client(&v.key) {
+            Some(c) => {
+                let mut p = v.clone();
+                p.client = c;
+                real = p;
+                self.proxied_pass(&real);
+                &real
+            }
+            None => v,
+        };
         if v.kind == Kind::EarlyTalker {
             self.counts.add(AgentStat::of(v.action));
             self.store
@@ -224,6 +327,26 @@ impl Pipeline {
         self.snap.lock().expect("snapshot lock").push_recent(v);
     }
 
+    /// Behind a balancer the kernel records nothing in the pass cache: the
+    /// real client's pass is written here, and its early talk costs it.
+    fn proxied_pass(&mut self, v: &events::Verdict) {
+        let Some(m) = self.passed.as_mut() else {
+            return;
+        };
+        let key = mapped(v.client.ip());
+        match v.kind {
+            Kind::Pass if !self.pass_ttl.is_zero() && !self.proxied.known(&v.key) => {
+                if let Err(e) = m.insert(key, monotonic_ns(), 0) {
+                    log::warn!("pass of {} not recorded: {e}", v.client.ip());
+                }
+            }
+            Kind::EarlyTalker => {
+                let _ = m.remove(&key);
+            }
+            _ => {}
+        }
+    }
+
     /// Tells the fleet what the kernel just recorded: a pass it earned, or an
     /// early talk (which cost it its pass).
     fn share(&self, v: &events::Verdict) {
@@ -231,11 +354,15 @@ impl Pipeline {
         let at_ms = fleet::unix_ms(std::time::SystemTime::now());
         let addr = v.client.ip();
         match v.kind {
-            Kind::Pass if v.earned_pass && !self.pass_ttl.is_zero() => f.send(fleet::Note::Pass {
-                addr,
-                at_ms,
-                ttl: self.pass_ttl,
-            }),
+            Kind::Pass
+                if v.earned_pass && !self.pass_ttl.is_zero() && !self.proxied.known(&v.key) =>
+            {
+                f.send(fleet::Note::Pass {
+                    addr,
+                    at_ms,
+                    ttl: self.pass_ttl,
+                })
+            }
             Kind::EarlyTalker => f.send(fleet::Note::Talk { addr, at_ms }),
             _ => {}
         }
@@ -286,10 +413,12 @@ mod tests {
                 counts: Counts::default(),
                 penalty: None,
                 fleet: None,
+                passed: None,
             },
             status::Shared::default(),
             &Live {
                 ports: vec![25],
+                proxy_ports: Vec::new(),
                 wait: std::time::Duration::from_secs(1),
                 wait_under_stress: crate::config::WAIT_UNDER_STRESS,
                 stress_threshold: crate::config::STRESS_THRESHOLD,

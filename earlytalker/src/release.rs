@@ -64,8 +64,14 @@ pub fn monotonic_ns() -> u64 {
 
 enum Msg {
     Hold(ConnKey, u64),
+    /// A balancer's PROXY header: the release carries it to the MTA.
+    Header(ConnKey, Vec<u8>),
     Stop,
 }
+
+/// PROXY headers kept for releases at most; beyond, releases go without
+/// (the balancer's retransmission brings the header, later).
+const HEADERS_MAX: usize = 65_536;
 
 /// What the thread needs, opened while the agent still has its privileges.
 pub struct Parts {
@@ -103,6 +109,13 @@ impl Releaser {
             // SYN-ACK retransmission (at most 1, 2, 4… s late): said once.
             log::error!("the release thread has stopped; held clients are released late");
         }
+    }
+
+    /// The PROXY header that `key`'s balancer sent while held: the release
+    /// ACK carries it, so the MTA reads it at once rather than at the
+    /// balancer's next retransmission.
+    pub fn header(&self, key: ConnKey, header: Vec<u8>) {
+        let _ = self.tx.send(Msg::Header(key, header));
     }
 
     /// Releases every connection still held, now. Call after detaching the
@@ -158,6 +171,8 @@ struct Worker {
     queue_full: bool,
     /// Errors are logged once each (a broken raw socket would fail every send).
     logged: std::collections::HashSet<String>,
+    /// PROXY headers of held connections, until their release is done.
+    headers: std::collections::HashMap<ConnKey, Vec<u8>>,
 }
 
 /// What the kernel's entry says about a release.
@@ -176,6 +191,7 @@ impl Worker {
             flight: Vec::new(),
             queue_full: false,
             logged: Default::default(),
+            headers: Default::default(),
         }
     }
 
@@ -192,6 +208,11 @@ impl Worker {
             loop {
                 match msg {
                     Ok(Msg::Hold(key, at)) => self.due.push(Reverse(Due { at, key })),
+                    Ok(Msg::Header(key, h)) => {
+                        if self.headers.len() < HEADERS_MAX {
+                            self.headers.insert(key, h);
+                        }
+                    }
                     Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
                         self.release_all();
                         return;
@@ -255,7 +276,11 @@ impl Worker {
                 return;
             }
             self.due.pop();
-            if let State::Held(c) = self.state(&key) {
+            let state = self.state(&key);
+            if matches!(state, State::Done) && !self.headers.is_empty() {
+                self.headers.remove(&key);
+            }
+            if let State::Held(c) = state {
                 if self.send(&key, &c, now) {
                     self.p.counts.add(AgentStat::Released);
                     room.insert(server, left - 1);
@@ -302,6 +327,9 @@ impl Worker {
             if keep {
                 i += 1;
             } else {
+                if !self.headers.is_empty() {
+                    self.headers.remove(&key);
+                }
                 self.flight.swap_remove(i);
             }
         }
@@ -358,7 +386,8 @@ impl Worker {
                 self.once(format!("sending a SYN before a release: {e:#}"));
             }
         }
-        match forge::release_ack(key, c, now).and_then(|p| self.p.raw.send(&p, to)) {
+        let header = self.headers.get(key).map_or(&[][..], Vec::as_slice);
+        match forge::release_ack(key, c, now, header).and_then(|p| self.p.raw.send(&p, to)) {
             Ok(()) => true,
             Err(e) => {
                 self.once(format!("sending a release: {e:#}"));

@@ -30,6 +30,25 @@ fn connect(server: SocketAddr) -> Result<TcpStream> {
     Ok(c)
 }
 
+/// `connect`, from the source address `src` if given (one of the client's).
+pub fn connect_from(src: Option<std::net::IpAddr>, server: SocketAddr) -> Result<TcpStream> {
+    let Some(ip) = src else {
+        return connect(server);
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(server),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.bind(&SocketAddr::new(ip, 0).into())?;
+    s.connect_timeout(&server.into(), Duration::from_secs(5))
+        .with_context(|| format!("connect {server} from {ip}"))?;
+    let c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(15)))?;
+    c.set_nodelay(true)?;
+    Ok(c)
+}
+
 fn read_line(r: &mut BufReader<TcpStream>) -> Result<String> {
     let mut l = String::new();
     r.read_line(&mut l).context("reading a reply")?;
@@ -118,23 +137,7 @@ pub fn bot_from(
     data: &[u8],
     fin: bool,
 ) -> Result<BotRun> {
-    let mut c = match from {
-        None => connect(server)?,
-        Some(ip) => {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(server),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            s.bind(&SocketAddr::new(ip, 0).into())?;
-            s.connect_timeout(&server.into(), Duration::from_secs(5))
-                .with_context(|| format!("connect {server} from {ip}"))?;
-            let c: TcpStream = s.into();
-            c.set_read_timeout(Some(Duration::from_secs(15)))?;
-            c.set_nodelay(true)?;
-            c
-        }
-    };
+    let mut c = connect_from(from, server)?;
     let t0 = Instant::now();
     let local_port = c.local_addr()?.port();
     c.write_all(data)?;
@@ -215,7 +218,18 @@ pub fn smtp_transaction(
     from: &str,
     to: &str,
 ) -> Result<(u16, Vec<(u16, String)>)> {
-    let c = connect(server)?;
+    smtp_transaction_from(None, server, early, from, to)
+}
+
+/// `smtp_transaction` from the source address `src` (one of the client's).
+pub fn smtp_transaction_from(
+    src: Option<std::net::IpAddr>,
+    server: SocketAddr,
+    early: bool,
+    from: &str,
+    to: &str,
+) -> Result<(u16, Vec<(u16, String)>)> {
+    let c = connect_from(src, server)?;
     let port = c.local_addr()?.port();
     let mut w = c.try_clone()?;
     let mut r = BufReader::new(c);

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod clients;
 pub mod exim;
 pub mod fuzz;
+pub mod haproxy;
 pub mod lab;
 pub mod mta;
 pub mod opensmtpd;

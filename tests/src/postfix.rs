@@ -85,6 +85,18 @@ impl Postfix {
         Self::start_on(lab, Side::Server, "", "", &main)
     }
 
+    /// A server behind a PROXY protocol balancer (HAProxy's send-proxy, v1 or
+    /// v2): `smtpd_upstream_proxy_protocol = haproxy`.
+    pub fn start_proxied(lab: &Lab, restrictions: &str) -> Result<Self> {
+        Self::start_on(
+            lab,
+            Side::Server,
+            restrictions,
+            "",
+            "smtpd_upstream_proxy_protocol = haproxy\n",
+        )
+    }
+
     /// A sending Postfix in the client namespace: it accepts on its loopback
     /// and relays lab.example to the server with its smtp(8) client.
     pub fn client(lab: &Lab) -> Result<Self> {

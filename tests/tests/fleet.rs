@@ -407,7 +407,7 @@ fn f5_over_tls_with_the_ca_the_operator_trusts() {
     agent.stop().unwrap();
 
     // Without that CA the certificate is refused: an outage, not a crash.
-    let mut agent = Agent::start(&lab, &["-w", WAIT_ARG, "--shared-cache", &redis.url()]).unwrap();
+    let agent = Agent::start(&lab, &["-w", WAIT_ARG, "--shared-cache", &redis.url()]).unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while !agent.stderr().contains("unreachable") && Instant::now() < end {
         thread::sleep(Duration::from_millis(100));
