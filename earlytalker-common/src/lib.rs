@@ -478,8 +478,8 @@ mod tests {
             })
         );
         assert_eq!(
-            Reason::try_from(6).unwrap_err().to_string(),
-            "unknown end reason 6"
+            Reason::try_from(7).unwrap_err().to_string(),
+            "unknown end reason 7"
         );
     }
 

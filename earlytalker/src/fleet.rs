@@ -168,7 +168,12 @@ pub struct Status {
     pub last_error: Option<String>,
     pub last_resync_unix: u64,
     pub pending: u64,
+    /// The latest early talkers other relays reported (newest last).
+    pub recent_talks: VecDeque<Wire>,
 }
+
+/// Early talkers of other relays kept for `status`.
+const RECENT_TALKS: usize = 20;
 
 /// The event loop's end for news out: never blocks.
 #[derive(Clone)]
@@ -425,6 +430,13 @@ impl Task {
             return Ok(());
         }
         self.counts.add(AgentStat::SharedReceived);
+        if talk {
+            let mut s = self.status.lock().expect("fleet status lock");
+            if s.recent_talks.len() == RECENT_TALKS {
+                s.recent_talks.pop_front();
+            }
+            s.recent_talks.push_back(w.clone());
+        }
         let h = if talk { Heard::Talk(w) } else { Heard::Pass(w) };
         self.tx
             .send(h)

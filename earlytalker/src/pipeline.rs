@@ -273,10 +273,6 @@ impl Pipeline {
         if let Some(v) = self.tracker.on_event(r) {
             self.report(&v);
         }
-        // Kept while the MTA may still ask about an early talker (until Closed).
-        if r.kind == EventKind::Verdict && !r.conn.has(ConnFlags::EARLY) {
-            self.proxied.remove(&r.key);
-        }
     }
 
     /// Early talkers whose greeting never came (see `Tracker::sweep`).
@@ -325,6 +321,11 @@ impl Pipeline {
             }
         }
         self.snap.lock().expect("snapshot lock").push_recent(v);
+        // Behind a balancer, the real client is forgotten with its verdict,
+        // unless the MTA may still ask about it (defer-reject: until Closed).
+        if !(v.kind == Kind::EarlyTalker && self.defer_reject) {
+            self.proxied.remove(&v.key);
+        }
     }
 
     /// Behind a balancer the kernel records nothing in the pass cache: the

@@ -17,6 +17,7 @@ use std::{
 
 const WAIT: Duration = Duration::from_secs(2);
 const WAIT_ARG: &str = "2";
+const GREET: Duration = Duration::from_millis(200);
 
 /// A relay: a lab, its responder on port 25, and its agent on the shared cache.
 struct Relay {
@@ -28,7 +29,10 @@ struct Relay {
 impl Relay {
     fn start(url: &str, extra: &[&str]) -> Relay {
         let lab = Lab::new().unwrap();
-        let resp = Responder::start(&lab, 25, Duration::ZERO).unwrap();
+        // Greeting 200 ms after accept: a pass-cached bot's bytes, sent at
+        // once, always come first (it is judged), and a known client is still
+        // greeted well within a quarter of the wait.
+        let resp = Responder::start(&lab, 25, GREET).unwrap();
         let args = [
             &["-a", "deny", "-w", WAIT_ARG, "--pass-ttl", "1h"][..],
             &["--shared-cache", url],
@@ -134,6 +138,15 @@ fn f1_a_pass_on_one_relay_holds_nowhere_else_and_an_early_talk_anywhere_counts_e
         counter(s, "shared_cache_received") >= 1
     });
     assert!(counter(&s1, "shared_cache_received") >= 1, "{s1}");
+    // MX1's status names the early talker MX2 reported, and MX2.
+    let talks = s1["shared_cache"]["recent_talks"].as_array().unwrap();
+    assert_eq!(talks.len(), 1, "{s1}");
+    assert_eq!(talks[0]["addr"], CLIENT_V4, "{s1}");
+    assert_eq!(
+        talks[0]["relay"],
+        mx2.status()["shared_cache"]["relay"],
+        "{s1}"
+    );
     assert_eq!(
         redis.cli(&["EXISTS", &key]).unwrap().trim(),
         "0",
