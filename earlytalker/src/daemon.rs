@@ -108,7 +108,7 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         enforcer.probe_destroy().map_err(StartError::Kernel)?;
     }
     // Asked before anything is attached, so the probe is never held.
-    let advertised = probe::any_advertises(&settings.live.ports);
+    let advertised = probe::any_advertises(&settings.live.ports, &settings.live.proxy_ports);
     // Looked at while privileged (pidfd_getfd).
     for d in listeners::deferring(&settings.live.ports) {
         log::warn!(
@@ -205,7 +205,13 @@ pub fn run(args: RunArgs) -> Result<Result<()>, StartError> {
         grace,
         settings.fixed.max_connections as usize,
     );
-    let prober = Prober::start(settings.live.ports.clone(), advertised);
+    let prober = Prober::start(
+        (
+            settings.live.ports.clone(),
+            settings.live.proxy_ports.clone(),
+        ),
+        advertised,
+    );
     let daemon = Daemon {
         prober,
         advertised,
@@ -450,7 +456,8 @@ impl Daemon {
                 }
                 self.s.live = new.live;
                 self.pipeline.set_policy(&self.s.live);
-                self.prober.ask(self.s.live.ports.clone());
+                self.prober
+                    .ask((self.s.live.ports.clone(), self.s.live.proxy_ports.clone()));
                 self.out.reloaded(&self.s, self.advertised, &ignored, None);
                 self.save_passes();
             }
@@ -710,17 +717,20 @@ fn counter_list(kernel: &[(Stat, u64)], agent: &Counts) -> Vec<(&'static str, u6
     c
 }
 
+/// The watched ports, and those of them behind a PROXY protocol balancer.
+type Ports = (Vec<u16>, Vec<u16>);
+
 /// A thread that asks the MTA whether it advertises PIPECONNECT every
 /// PROBE_EVERY, or at once when given new ports (a reload). It ends when the
 /// daemon drops it.
 struct Prober {
-    ports: std::sync::mpsc::Sender<Vec<u16>>,
+    ports: std::sync::mpsc::Sender<Ports>,
     latest: Arc<Mutex<Option<bool>>>,
 }
 
 impl Prober {
-    fn start(ports: Vec<u16>, first: Option<bool>) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<u16>>();
+    fn start(ports: Ports, first: Option<bool>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Ports>();
         let latest = Arc::new(Mutex::new(first));
         let out = latest.clone();
         let spawned = std::thread::Builder::new()
@@ -733,7 +743,7 @@ impl Prober {
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
-                    let answer = probe::any_advertises(&ports);
+                    let answer = probe::any_advertises(&ports.0, &ports.1);
                     *out.lock().expect("probe lock") = answer;
                 }
             });
@@ -744,7 +754,7 @@ impl Prober {
         Prober { ports: tx, latest }
     }
 
-    fn ask(&self, ports: Vec<u16>) {
+    fn ask(&self, ports: Ports) {
         let _ = self.ports.send(ports);
     }
 

@@ -15,18 +15,23 @@ use std::{
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Some(true/false) if the MTA on `port` answered; None if none could be asked.
-pub fn advertises_pipeconnect(port: u16) -> Option<bool> {
+/// `proxied`: the port expects a PROXY header first (`--proxy-protocol`); the
+/// probe sends one naming itself.
+pub fn advertises_pipeconnect(port: u16, proxied: bool) -> Option<bool> {
     [
         SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
     ]
     .iter()
-    .find_map(|a| ask(a).ok())
+    .find_map(|a| ask(a, proxied).ok())
 }
 
 /// Any of `ports` advertising it counts: the kernel's allowance is one flag.
-pub fn any_advertises(ports: &[u16]) -> Option<bool> {
-    let answers: Vec<Option<bool>> = ports.iter().map(|p| advertises_pipeconnect(*p)).collect();
+pub fn any_advertises(ports: &[u16], proxied: &[u16]) -> Option<bool> {
+    let answers: Vec<Option<bool>> = ports
+        .iter()
+        .map(|p| advertises_pipeconnect(*p, proxied.contains(p)))
+        .collect();
     if answers.contains(&Some(true)) {
         Some(true)
     } else if answers.iter().any(Option::is_some) {
@@ -36,11 +41,14 @@ pub fn any_advertises(ports: &[u16]) -> Option<bool> {
     }
 }
 
-fn ask(addr: &SocketAddr) -> std::io::Result<bool> {
+fn ask(addr: &SocketAddr, proxied: bool) -> std::io::Result<bool> {
     let s = TcpStream::connect_timeout(addr, TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     let mut w = s.try_clone()?;
+    if proxied {
+        w.write_all(proxy_v1(&s.local_addr()?, addr).as_bytes())?;
+    }
     let mut r = BufReader::new(s);
     let greeting = reply(&mut r)?;
     if !greeting.first().is_some_and(|l| l.starts_with("220")) {
@@ -50,6 +58,18 @@ fn ask(addr: &SocketAddr) -> std::io::Result<bool> {
     let ehlo = reply(&mut r)?;
     let _ = w.write_all(b"QUIT\r\n");
     Ok(offers_pipeconnect(&ehlo))
+}
+
+/// A PROXY v1 header for this very connection.
+fn proxy_v1(from: &SocketAddr, to: &SocketAddr) -> String {
+    let family = if from.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        from.ip(),
+        to.ip(),
+        from.port(),
+        to.port()
+    )
 }
 
 /// The lines of one SMTP reply (bounded: at most 100 lines).

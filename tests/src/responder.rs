@@ -246,9 +246,19 @@ fn serve(
 ) {
     let port = peer.port();
     let accepted_at = Instant::now();
+    // The agent's own questions (its PIPECONNECT probe, over loopback in the
+    // server namespace) are served but not recorded: their ports are the
+    // server namespace's, and may equal a lab client's.
+    let local = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_canonical().is_loopback(),
+        v4 => v4.is_loopback(),
+    };
     // A second handle for TCP_INFO, so the recorder does not borrow `c`.
     let probe = c.try_clone().ok();
     let record = |data: &[u8], end: Option<String>| {
+        if local {
+            return;
+        }
         if let Ok(mut m) = sessions.lock() {
             let s = m.entry(port).or_insert_with(|| Session {
                 received: Vec::new(),

@@ -100,7 +100,6 @@ fn x1_behind_haproxy_the_named_client_is_held_cached_and_a_bot_denied_unseen() {
 
     // A bot through the v2 balancer: denied, named by its own address, and
     // Postfix never hears of it.
-    let smtpd_before = r.postfix.log().matches(": connect from").count();
     let bot = ip(BOT);
     let via = r.haproxy.v2();
     let b = join(
@@ -129,8 +128,8 @@ fn x1_behind_haproxy_the_named_client_is_held_cached_and_a_bot_denied_unseen() {
     assert_eq!(v["payload"], "EHLO bot.example\\r\\n", "{v}");
     std::thread::sleep(Duration::from_millis(500));
     let log = r.postfix.log();
+    // Postfix logs every connection with the header's client: none from it.
     assert!(!log.contains(BOT), "Postfix saw the bot:\n{log}");
-    assert_eq!(log.matches(": connect from").count(), smtpd_before, "{log}");
 
     // Straight to the MTA with no header: dropped, as Postfix would, and said.
     let server = SocketAddr::new(r.lab.server_addr(false), 25);
@@ -215,5 +214,20 @@ fn x2_defer_reject_behind_haproxy_matches_the_real_client_at_the_policy_service(
     assert_eq!(
         r.postfix.wait_delivered(1, Duration::from_secs(20)).len(),
         1
+    );
+
+    // The agent's own PIPECONNECT question (asked again at a reload) sends a
+    // header too, or Postfix would never answer it.
+    r.agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut s = status_json(&r.lab).unwrap();
+    while s["config"]["pipeconnect_advertised"] != false && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+        s = status_json(&r.lab).unwrap();
+    }
+    assert_eq!(
+        s["config"]["pipeconnect_advertised"], false,
+        "{}",
+        s["config"]
     );
 }
