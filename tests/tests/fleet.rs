@@ -68,16 +68,34 @@ impl Relay {
         status_json(&self.lab).unwrap()
     }
 
-    /// Waits (bounded) until `status` satisfies `pred`; the last status.
     fn status_until(&self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let end = Instant::now() + limit;
-        loop {
-            let s = self.status();
-            if pred(&s) || Instant::now() > end {
-                return s;
-            }
-            thread::sleep(Duration::from_millis(100));
+        status_until(&self.lab, limit, pred)
+    }
+}
+
+/// Waits (bounded) until the lab agent's `status` satisfies `pred`; the last status.
+fn status_until(lab: &Lab, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + limit;
+    loop {
+        let s = status_json(lab).unwrap();
+        if pred(&s) || Instant::now() > end {
+            return s;
         }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `key` is in Redis within `limit` (polled).
+fn key_appears(redis: &Redis, key: &str, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if redis.cli(&["EXISTS", key]).unwrap().trim() == "1" {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -222,10 +240,7 @@ fn f2_redis_down_both_relays_judge_locally_and_converge_when_it_returns() {
     }
     // MX1's pass made during the outage reached Redis, and MX2 from it.
     let key = format!("earlytalker:pass:{CLIENT_V4}");
-    let end = Instant::now() + Duration::from_secs(3);
-    while redis.cli(&["EXISTS", &key]).unwrap().trim() != "1" && Instant::now() < end {
-        thread::sleep(Duration::from_millis(100));
-    }
+    assert!(key_appears(&redis, &key, Duration::from_secs(3)));
     thread::sleep(Duration::from_secs(1));
     let (s, held) = mx2.polite();
     assert!(
@@ -309,12 +324,7 @@ fn f3_password_over_tcp_is_never_shown_and_garbage_is_ignored_with_a_line() {
         ],
     )
     .unwrap();
-    let end = Instant::now() + Duration::from_secs(5);
-    let mut status = status_json(&lab).unwrap();
-    while !connected(&status) && Instant::now() < end {
-        thread::sleep(Duration::from_millis(100));
-        status = status_json(&lab).unwrap();
-    }
+    let status = status_until(&lab, Duration::from_secs(5), connected);
     assert!(connected(&status), "{}", status["shared_cache"]);
     assert_eq!(
         status["shared_cache"]["url"], "redis://:****@127.0.0.1:6390/0",
@@ -328,10 +338,9 @@ fn f3_password_over_tcp_is_never_shown_and_garbage_is_ignored_with_a_line() {
     redis
         .cli(&["PUBLISH", "earlytalker:pass", "{\"addr\":\"nonsense\"}"])
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(5);
-    while counter(&status_json(&lab).unwrap(), "shared_cache_ignored") < 1 && Instant::now() < end {
-        thread::sleep(Duration::from_millis(100));
-    }
+    status_until(&lab, Duration::from_secs(5), |s| {
+        counter(s, "shared_cache_ignored") >= 1
+    });
     // Still judging: a new client held, then passed and published.
     let server = SocketAddr::new(lab.server_addr(false), 25);
     let s = lab.client(server, Manner::Polite);
@@ -339,12 +348,8 @@ fn f3_password_over_tcp_is_never_shown_and_garbage_is_ignored_with_a_line() {
     agent
         .verdict_for(s.local_port, Duration::from_secs(5))
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(3);
     let key = format!("earlytalker:pass:{CLIENT_V4}");
-    while redis.cli(&["EXISTS", &key]).unwrap().trim() != "1" && Instant::now() < end {
-        thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(redis.cli(&["EXISTS", &key]).unwrap().trim(), "1");
+    assert!(key_appears(&redis, &key, Duration::from_secs(3)));
 
     let metrics = join(lab.in_server(|| {
         let out = std::process::Command::new("curl")
@@ -399,12 +404,7 @@ fn f5_over_tls_with_the_ca_the_operator_trusts() {
         ],
     )
     .unwrap();
-    let end = Instant::now() + Duration::from_secs(5);
-    let mut status = status_json(&lab).unwrap();
-    while !connected(&status) && Instant::now() < end {
-        thread::sleep(Duration::from_millis(100));
-        status = status_json(&lab).unwrap();
-    }
+    let status = status_until(&lab, Duration::from_secs(5), connected);
     assert!(connected(&status), "{}", status["shared_cache"]);
     let server = SocketAddr::new(lab.server_addr(false), 25);
     let s = lab.client(server, Manner::Polite);
@@ -412,11 +412,7 @@ fn f5_over_tls_with_the_ca_the_operator_trusts() {
         .verdict_for(s.local_port, Duration::from_secs(5))
         .unwrap();
     let key = format!("earlytalker:pass:{CLIENT_V4}");
-    let end = Instant::now() + Duration::from_secs(3);
-    while redis.cli(&["EXISTS", &key]).unwrap().trim() != "1" && Instant::now() < end {
-        thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(redis.cli(&["EXISTS", &key]).unwrap().trim(), "1");
+    assert!(key_appears(&redis, &key, Duration::from_secs(3)));
     agent.stop().unwrap();
 
     // Without that CA the certificate is refused: an outage, not a crash.
@@ -428,12 +424,9 @@ fn f5_over_tls_with_the_ca_the_operator_trusts() {
     let err = agent.stderr();
     assert!(err.contains("unreachable"), "{err}");
     assert!(!err.contains("tls-s3cret"), "{err}");
-    let end = Instant::now() + Duration::from_secs(3);
-    let mut status = status_json(&lab).unwrap();
-    while status["shared_cache"]["state"] != "down" && Instant::now() < end {
-        thread::sleep(Duration::from_millis(100));
-        status = status_json(&lab).unwrap();
-    }
+    let status = status_until(&lab, Duration::from_secs(3), |s| {
+        s["shared_cache"]["state"] == "down"
+    });
     assert_eq!(status["shared_cache"]["state"], "down", "{status}");
     eprintln!("refused: {}", status["shared_cache"]["last_error"]);
 }

@@ -43,6 +43,22 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// The agent's next `event` line, which must name a client at `addr`.
+fn line_naming(r: &mut Rig, event: &str, addr: &str) -> serde_json::Value {
+    let v = r
+        .agent
+        .wait_for(Duration::from_secs(10), |v| v["event"] == event)
+        .unwrap();
+    assert!(
+        v["client"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{addr}:")),
+        "not named {addr}: {v}"
+    );
+    v
+}
+
 /// Connects from `src` through `via` and reads the greeting: how long after
 /// connect() returned it came, and the client's port.
 fn greeting_via(lab: &Lab, src: &str, via: SocketAddr) -> (Duration, u16, String) {
@@ -68,17 +84,7 @@ fn x1_behind_haproxy_the_named_client_is_held_cached_and_a_bot_denied_unseen() {
     let (ok, transcript) = swaks_via(&r.lab, haproxy::BALANCER, "polite@lab.example", &polite_v1);
     assert!(ok, "swaks failed:\n{transcript}\n{}", r.postfix.log());
     assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
-    let v = r
-        .agent
-        .wait_for(Duration::from_secs(10), |v| v["event"] == "pass")
-        .unwrap();
-    assert!(
-        v["client"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{POLITE}:")),
-        "the verdict names the balancer, not the client: {v}"
-    );
+    let v = line_naming(&mut r, "pass", POLITE);
     // On time: the release carried the header HAProxy sent while held. (Left
     // to HAProxy's retransmissions, at 0.2, 0.6, 1.4 and 3.0 s, it would come
     // after 3 s.)
@@ -113,17 +119,7 @@ fn x1_behind_haproxy_the_named_client_is_held_cached_and_a_bot_denied_unseen() {
         "{:?}",
         String::from_utf8_lossy(&b.received)
     );
-    let v = r
-        .agent
-        .wait_for(Duration::from_secs(5), |v| v["event"] == "early_talker")
-        .unwrap();
-    assert!(
-        v["client"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{BOT}:")),
-        "{v}"
-    );
+    let v = line_naming(&mut r, "early_talker", BOT);
     assert_eq!(v["bytes"], 18, "the header counted as early talk: {v}");
     assert_eq!(v["payload"], "EHLO bot.example\\r\\n", "{v}");
     std::thread::sleep(Duration::from_millis(500));
@@ -139,17 +135,7 @@ fn x1_behind_haproxy_the_named_client_is_held_cached_and_a_bot_denied_unseen() {
         "{:?}",
         String::from_utf8_lossy(&b.received)
     );
-    let v = r
-        .agent
-        .wait_for(Duration::from_secs(5), |v| v["event"] == "bad_proxy_header")
-        .unwrap();
-    assert!(
-        v["client"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", haproxy::BALANCER)),
-        "{v}"
-    );
+    line_naming(&mut r, "bad_proxy_header", haproxy::BALANCER);
     let s = status_json(&r.lab).unwrap();
     assert!(s["counters"]["proxy_headers"].as_u64().unwrap() >= 3, "{s}");
 }
@@ -187,19 +173,10 @@ fn x2_defer_reject_behind_haproxy_matches_the_real_client_at_the_policy_service(
     let last = replies.last().unwrap();
     assert_eq!(last.0 / 100, 5, "{replies:?}\n{}", r.postfix.log());
     assert!(last.1.contains(REPLY_TEXT), "{replies:?}");
-    let v = r
-        .agent
-        .wait_for(Duration::from_secs(10), |v| v["event"] == "early_talker")
-        .unwrap();
+    let v = line_naming(&mut r, "early_talker", BOT);
     assert_eq!(v["action"], "defer", "{v}");
-    assert!(
-        v["client"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{BOT}:")),
-        "{v}"
-    );
-    let _ = port;
+    // The header's port is the bot's own, as HAProxy saw it.
+    assert_eq!(v["client"], format!("{BOT}:{port}"), "{v}");
     let log = r.postfix.log();
     assert!(
         log.lines().any(|l| l.contains("reject: RCPT")
