@@ -211,14 +211,14 @@ fn unheld<const PROXY: bool>(
     if seg.payload_len > 0 {
         let data = if PROXY && conn.has(ConnFlags::PROXY_PORT) {
             match proxy::step(ctx, seg, key, conn, cfg, now_ns) {
-                proxy::Step::Rest(rest) => rest,
+                proxy::Step::Rest(rest) => Some(rest),
                 // A repeated header, or (Bad) bytes the MTA drops itself.
-                _ => return NEXT,
+                _ => None,
             }
         } else {
-            *seg
+            Some(*seg)
         };
-        if data.payload_len > 0 {
+        if let Some(data) = data.filter(|d| d.payload_len > 0) {
             act = client_data(ctx, &data, key, conn, cfg, now_ns);
         }
     }
