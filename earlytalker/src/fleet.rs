@@ -270,7 +270,6 @@ impl Task {
     async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
         let mut down_since: Option<Instant> = None;
-        let mut attempts = 0u64;
         loop {
             let client = match redis::Client::open(self.url.url.as_str()) {
                 Ok(c) => c,
@@ -284,12 +283,11 @@ impl Task {
                 Ok(()) => return, // the event loop is gone
                 Err(e) => e,
             };
-            attempts += 1;
-            let was_up = down_since.is_none();
-            if was_up {
+            if down_since.is_none() {
                 down_since = Some(Instant::now());
                 self.counts.add(AgentStat::SharedOutages);
-                if attempts == 1 && self.state() == "connecting" {
+                // Never connected yet: it was not lost, it was never there.
+                if self.state() == "connecting" {
                     log::warn!(
                         "shared cache {} unreachable: {err:#}; working on local state, retrying",
                         self.url
@@ -334,11 +332,11 @@ impl Task {
         s.pending = self.pending.len() as u64;
     }
 
-    /// Keeps `n` for later; a snapshot replaces every pass kept before it.
+    /// Keeps `n` for when Redis is back (the oldest dropped beyond
+    /// PENDING_MAX). A snapshot is not kept: one is asked for after every
+    /// connection anyway.
     fn keep(&mut self, n: Note) {
         if matches!(n, Note::Snapshot { .. }) {
-            // A snapshot is asked for after connecting; one arriving now is
-            // stale and will be asked for again.
             return;
         }
         if self.pending.len() >= PENDING_MAX {
@@ -360,15 +358,15 @@ impl Task {
         let mut con = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
-            .map_err(|e| anyhow!("{}", describe(&e)))?;
+            .map_err(failed)?;
         let mut sub = tokio::time::timeout(TIMEOUT, client.get_async_pubsub())
             .await
             .map_err(|_| anyhow!("subscribing timed out"))?
-            .map_err(|e| anyhow!("{}", describe(&e)))?;
+            .map_err(failed)?;
         tokio::time::timeout(TIMEOUT, sub.subscribe(&[PASS_CHANNEL, TALK_CHANNEL]))
             .await
             .map_err(|_| anyhow!("subscribing timed out"))?
-            .map_err(|e| anyhow!("{}", describe(&e)))?;
+            .map_err(failed)?;
         let mut messages = sub.into_on_message();
         match down_since.take() {
             Some(t) => log::info!(
@@ -413,7 +411,7 @@ impl Task {
                     redis::cmd("PING")
                         .query_async::<()>(&mut con)
                         .await
-                        .map_err(|e| anyhow!("{}", describe(&e)))?;
+                        .map_err(failed)?;
                 }
             }
         }
@@ -495,18 +493,14 @@ impl Task {
                     for (addr, at_ms) in chunk {
                         pass_set(&mut p, &self.wire(*addr, *at_ms), *ttl);
                     }
-                    p.query_async::<()>(con)
-                        .await
-                        .map_err(|e| anyhow!("{}", describe(&e)))?;
+                    p.query_async::<()>(con).await.map_err(failed)?;
                 }
                 self.counts
                     .add_n(AgentStat::SharedPublished, passes.len() as u64);
                 return Ok(());
             }
         }
-        p.query_async::<()>(con)
-            .await
-            .map_err(|e| anyhow!("{}", describe(&e)))?;
+        p.query_async::<()>(con).await.map_err(failed)?;
         self.counts.add_n(AgentStat::SharedPublished, count);
         Ok(())
     }
@@ -533,13 +527,13 @@ impl Task {
                 .arg(SCAN_BATCH)
                 .query_async(con)
                 .await
-                .map_err(|e| anyhow!("{}", describe(&e)))?;
+                .map_err(failed)?;
             if !keys.is_empty() {
                 let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
                     .arg(&keys)
                     .query_async(con)
                     .await
-                    .map_err(|e| anyhow!("{}", describe(&e)))?;
+                    .map_err(failed)?;
                 for (k, v) in keys.iter().zip(values) {
                     // Gone between SCAN and MGET: expired.
                     let Some(v) = v else { continue };
@@ -612,9 +606,9 @@ fn pass_set(p: &mut redis::Pipeline, w: &Wire, ttl: Duration) {
 }
 
 /// A Redis error in one line, never with the URL (it may hold a password).
-fn describe(e: &redis::RedisError) -> String {
+fn failed(e: redis::RedisError) -> anyhow::Error {
     let s = e.to_string();
-    s.lines().next().unwrap_or("error").to_string()
+    anyhow!("{}", s.lines().next().unwrap_or("error"))
 }
 
 /// `at_ms` (Unix) as CLOCK_MONOTONIC ns, given both clocks now; a time in the
