@@ -5,13 +5,11 @@
 use crate::{
     emit::emit,
     maps::{self, stat},
-    parse::{seq_after, Seg},
+    parse::{load_payload, seq_after, Seg},
     NEXT,
 };
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
-use earlytalker_common::{
-    CfgFlags, Config, Conn, ConnFlags, ConnKey, EventKind, Reason, Stat, PAYLOAD_MAX,
-};
+use earlytalker_common::{CfgFlags, Config, Conn, ConnFlags, ConnKey, EventKind, Reason, Stat};
 
 /// A new connection from a client that passed a real hold recently is greeted
 /// without delay (and still watched for a race).
@@ -55,28 +53,8 @@ fn claim(conn: &mut Conn, bit: ConnFlags) -> bool {
 /// Copies up to PAYLOAD_MAX bytes of the segment's payload into `conn`.
 #[inline(always)]
 fn copy_payload(ctx: &TcContext, seg: &Seg, conn: &mut Conn) {
-    // Volatile read: LLVM must not reuse what it proved about payload_len earlier,
-    // or it drops the checks below that the verifier needs for the length argument.
-    // SAFETY: reading a local field.
-    let plen = unsafe { core::ptr::read_volatile(&seg.payload_len) };
-    let n = if plen > PAYLOAD_MAX as u32 {
-        PAYLOAD_MAX as u32
-    } else {
-        plen
-    };
-    if n == 0 || n > PAYLOAD_MAX as u32 {
-        return;
-    }
-    // SAFETY: n is in 1..=PAYLOAD_MAX, the size of the destination buffer.
-    let ret = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            seg.payload_off as u32,
-            conn.payload.as_mut_ptr().cast(),
-            n,
-        )
-    };
-    if ret == 0 {
+    let n = load_payload(ctx, seg, &mut conn.payload);
+    if n > 0 {
         conn.payload_len = n;
     }
 }

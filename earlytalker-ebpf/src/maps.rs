@@ -83,21 +83,24 @@ pub fn config() -> Config {
     }
 }
 
+/// Whether `port`'s bit is set in a port bitmap (PORT_WORDS u64 words).
 #[inline(always)]
-pub fn port_watched(port: u16) -> bool {
-    match PORTS.get(u32::from(port >> 6)) {
+fn port_bit(map: &Array<u64>, port: u16) -> bool {
+    match map.get(u32::from(port >> 6)) {
         Some(word) => (*word >> (port & 63)) & 1 == 1,
         None => false,
     }
 }
 
+#[inline(always)]
+pub fn port_watched(port: u16) -> bool {
+    port_bit(&PORTS, port)
+}
+
 /// Whether a balancer sends a PROXY header first on this port.
 #[inline(always)]
 pub fn proxy_port(port: u16) -> bool {
-    match PROXY_PORTS.get(u32::from(port >> 6)) {
-        Some(word) => (*word >> (port & 63)) & 1 == 1,
-        None => false,
-    }
+    port_bit(&PROXY_PORTS, port)
 }
 
 /// Allowlisted clients are never held, flagged or acted upon. Looked up once per

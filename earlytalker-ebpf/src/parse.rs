@@ -162,6 +162,34 @@ pub fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute(w) }
 }
 
+/// Copies the first bytes of the segment's payload, at most N, into `dst`:
+/// how many, or 0 if none could be.
+#[inline(always)]
+pub fn load_payload<const N: usize>(ctx: &TcContext, seg: &Seg, dst: &mut [u8; N]) -> u32 {
+    // Volatile read: LLVM must not reuse what it proved about payload_len earlier,
+    // or it drops the checks below that the verifier needs for the length argument.
+    // SAFETY: reading a local field.
+    let plen = unsafe { core::ptr::read_volatile(&seg.payload_len) };
+    let n = if plen > N as u32 { N as u32 } else { plen };
+    if n == 0 || n > N as u32 {
+        return 0;
+    }
+    // SAFETY: n is in 1..=N, the size of the destination.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            seg.payload_off as u32,
+            dst.as_mut_ptr().cast(),
+            n,
+        )
+    };
+    if ret == 0 {
+        n
+    } else {
+        0
+    }
+}
+
 /// An unaligned word load from the packet (bounds checked by the caller's ptr_at).
 #[inline(always)]
 fn load<T: Copy>(p: *const T) -> T {

@@ -7,7 +7,7 @@
 use crate::{
     conn::{set_flags, verdict},
     maps::{stat, EVENTS},
-    parse::{seq_after, Seg},
+    parse::{load_payload, seq_after, Seg},
 };
 use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, programs::TcContext};
 use earlytalker_common::{
@@ -57,27 +57,9 @@ pub fn step(
         return Step::Old;
     };
     let r = rec.as_mut_ptr();
-    // Volatile: the verifier needs the bounds below on this very value.
-    // SAFETY: reading a local field.
-    let plen = unsafe { core::ptr::read_volatile(&seg.payload_len) };
-    let n = if plen > PROXY_MAX as u32 {
-        PROXY_MAX as u32
-    } else {
-        plen
-    };
-    // SAFETY: the reserved slot is ours until submit or discard; n is in
-    // 1..=PROXY_MAX, the size of the destination.
-    let loaded = n > 0
-        && n <= PROXY_MAX as u32
-        && unsafe {
-            aya_ebpf::helpers::bpf_skb_load_bytes(
-                ctx.skb.skb.cast(),
-                seg.payload_off as u32,
-                (*r).header.as_mut_ptr().cast(),
-                n,
-            )
-        } == 0;
-    if !loaded {
+    // SAFETY: the reserved slot is ours until submit or discard.
+    let n = load_payload(ctx, seg, unsafe { &mut (*r).header });
+    if n == 0 {
         rec.discard(0);
         return Step::Old;
     }

@@ -181,20 +181,23 @@ impl Guard {
             c.flags |= CfgFlags::PENALTY_DROP.bits();
         }
         cfg.set(0, c, 0).context("writing CONFIG")?;
-        let mut ports: Array<_, u64> =
-            Array::try_from(self.ebpf.map_mut(MAP_PORTS).context("PORTS map missing")?)?;
-        for (i, w) in ports_bitmap(&s.ports).into_iter().enumerate() {
-            ports.set(i as u32, w, 0).context("writing PORTS")?;
-        }
-        let mut proxy: Array<_, u64> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_PROXY_PORTS)
-                .context("PROXY_PORTS map missing")?,
-        )?;
-        for (i, w) in ports_bitmap(&s.proxy_ports).into_iter().enumerate() {
-            proxy.set(i as u32, w, 0).context("writing PROXY_PORTS")?;
-        }
+        self.write_ports(MAP_PORTS, &s.ports)?;
+        self.write_ports(MAP_PROXY_PORTS, &s.proxy_ports)?;
         self.sync_allow(&s.allow)
+    }
+
+    /// Makes the port bitmap `name` hold exactly `ports`.
+    fn write_ports(&mut self, name: &str, ports: &[u16]) -> Result<()> {
+        let mut map: Array<_, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(name)
+                .with_context(|| format!("{name} map missing"))?,
+        )?;
+        for (i, w) in ports_bitmap(ports).into_iter().enumerate() {
+            map.set(i as u32, w, 0)
+                .with_context(|| format!("writing {name}"))?;
+        }
+        Ok(())
     }
 
     /// Makes ALLOW hold exactly `nets`: adds first, then removes, so an entry kept
