@@ -61,6 +61,7 @@ pub const NEXT: i32 = TC_ACT_UNSPEC;
 const RELEASE_GRACE_NS: u64 = 1_000_000_000;
 
 #[classifier]
+#[inline(always)]
 pub fn et_ingress(ctx: TcContext) -> i32 {
     ingress(&ctx)
 }
