@@ -28,6 +28,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod bound;
 mod conn;
 mod emit;
 mod maps;
@@ -512,7 +513,7 @@ fn egress_tracked(seg: &Seg, key: &ConnKey, conn: &mut Conn) -> i32 {
 /// client never gets a byte to the MTA, even if its ACK of our reply is taken
 /// by the MTA's socket for an ACK of the held greeting.
 #[inline(always)]
-fn session_under_way(sk: *mut bpf_sock) -> bool {
+pub(crate) fn session_under_way(sk: *mut bpf_sock) -> bool {
     // SAFETY: sk is the socket the kernel attached to this skb; bpf_tcp_sock
     // returns NULL unless it is a full TCP socket.
     let tp = unsafe { bpf_tcp_sock(sk) };

@@ -160,7 +160,13 @@ pub fn forget_pass(addr: &[u8; 16]) {
 /// map needs a look-up.
 #[inline(always)]
 pub fn maybe_tracked(bucket: u32) -> bool {
-    match TRACKED.get(bucket) {
+    filter_hit(&TRACKED, bucket)
+}
+
+/// Whether a counting filter's bucket may have entries (see TRACKED).
+#[inline(always)]
+pub fn filter_hit(filter: &Array<u64>, bucket: u32) -> bool {
+    match filter.get(bucket) {
         Some(v) => *v as u32 != 0,
         None => true,
     }
@@ -168,7 +174,13 @@ pub fn maybe_tracked(bucket: u32) -> bool {
 
 #[inline(always)]
 fn count(bucket: u32, delta: u64) {
-    if let Some(p) = TRACKED.get_ptr_mut(bucket) {
+    filter_add(&TRACKED, bucket, delta);
+}
+
+/// Adds TRACKED_ADD or TRACKED_SUB to a counting filter's bucket.
+#[inline(always)]
+pub fn filter_add(filter: &Array<u64>, bucket: u32, delta: u64) {
+    if let Some(p) = filter.get_ptr_mut(bucket) {
         // SAFETY: array value live for this run, 8-byte aligned; both directions
         // and the agent change it concurrently, hence the atomic add.
         unsafe {
