@@ -12,16 +12,18 @@
 //! With a penalty configured, a third program (`xdp`) refuses boxed clients'
 //! SYNs at XDP.
 //!
-//! Only TCP whose server port is in PORTS is looked at; everything else leaves after
-//! a few loads. A segment of a connection in neither map leaves after one more
-//! (the TRACKED filter). No payload is parsed: at most the first 64 client bytes are copied,
-//! and the TCP options of SYNs, SYN-ACKs and held ACKs are read.
+//! Only TCP whose server port is in PORTS is looked at; everything else leaves
+//! after a glance at the port (a few loads at fixed offsets). A segment of a
+//! connection in neither map leaves after one more load (the TRACKED filter).
+//! No payload is parsed: at most the first 64 client bytes are copied, and the
+//! TCP options of SYNs, SYN-ACKs and held ACKs are read.
 //!
 //! Stages: `parse` (headers, options), `maps` (maps, the filter, counters,
 //! configuration), `conn` (a connection's life), `emit` (records for the agent),
-//! `xdp` (the penalty box); this file only
-//! dispatches each segment by direction and kind. Types and numbers shared with
-//! the agent come from earlytalker-common.
+//! `xdp` (the penalty box), `proxy` (a PROXY header's length), `bound` (the
+//! bench's lower bound, never loaded by the agent); this file only dispatches
+//! each segment by direction and kind. Types and numbers shared with the agent
+//! come from earlytalker-common.
 #![no_std]
 #![no_main]
 // Atomic fetch-or on map values (BPF ISA v3); core exposes no atomic types here.
