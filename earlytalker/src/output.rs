@@ -465,7 +465,6 @@ impl Out {
         );
     }
 
-    /// One step of an enforcement failed (the others still ran).
     /// A PROXY protocol port's client sent no readable header: dropped.
     pub fn bad_proxy(&self, client: SocketAddr, server: SocketAddr, why: &str) {
         let text = format!(
@@ -482,6 +481,7 @@ impl Out {
         self.emit(Prio::Notice, text, json);
     }
 
+    /// One step of an enforcement failed (the others still ran).
     pub fn teardown_failed(&self, client: SocketAddr, server: SocketAddr, step: &str, error: &str) {
         let text = format!(
             "TEARDOWN-FAILED {step} for {} to {}: {error}",
